@@ -1,0 +1,225 @@
+"""Datasets through tensorflow-datasets' own builders, loaded into memory as numpy arrays.
+
+Raw files come from, in this order: an explicit manual dir (`--manual-dir`), then
+`$FLAXZOO_MANUAL_DIR/<dataset>/`, then tfds's normal download. tfds verifies every raw file against
+the sha256 it has registered for it. Preparing (extracting) runs `data.prepare` in a subprocess so
+that TensorFlow, which tfds needs only for that step, never loads into the training process; the
+prepared ArrayRecord files are then read through `tfds.data_source`, which does not import it.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+MANUAL_DIR_ENV = "FLAXZOO_MANUAL_DIR"
+
+
+class DataError(Exception):
+  """A data problem the user can fix; the message is one line saying how."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  num_examples: dict  # split name -> count
+
+
+@dataclasses.dataclass
+class Dataset:
+  info: DatasetInfo
+  splits: dict  # split name -> (images uint8 (N, H, W, C), labels int32 (N,))
+
+
+def _tfds():
+  # Imported lazily: `flaxzoo models` and the model code need none of it.
+  import tensorflow_datasets as tfds
+  return tfds
+
+
+def default_data_dir() -> str:
+  """tfds's own default (honours TFDS_DATA_DIR)."""
+  from tensorflow_datasets.core import constants
+  return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or constants.DATA_DIR)
+
+
+def _builder_class(name: str):
+  tfds = _tfds()
+  try:
+    return tfds.builder_cls(name)
+  except Exception as e:  # tfds raises DatasetNotFoundError with a long listing
+    import difflib
+    close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise DataError(f"unknown dataset {name!r}: tensorflow-datasets has no builder by that name.{hint}") from e
+
+
+def raw_files(name: str) -> dict[str, tuple[str, str]]:
+  """The files tfds would download for `name`: file name -> (url, registered sha256)."""
+  url_infos = _builder_class(name).url_infos or {}
+  return {info.filename or url.rsplit("/", 1)[-1]: (url, info.checksum)
+          for url, info in url_infos.items()}
+
+
+def resolve_manual_dir(name: str, manual_dir: str | None = None) -> tuple[Path | None, str]:
+  """Where raw files for `name` are looked for, and which setting chose that place."""
+  if manual_dir:
+    return Path(manual_dir).expanduser(), "--manual-dir"
+  root = os.environ.get(MANUAL_DIR_ENV)
+  if root:
+    return Path(root).expanduser() / name, f"${MANUAL_DIR_ENV}"
+  return None, ""
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def check_manual_files(name: str, manual_dir: Path, source: str) -> bool:
+  """True when every raw file is in `manual_dir` with tfds's registered checksum.
+
+  False when none is there and the setting was the environment variable (tfds may still download).
+  Anything else — some files missing, a wrong checksum, an explicit dir without them — raises.
+  """
+  expected = raw_files(name)
+  present = [f for f in expected if (manual_dir / f).is_file()]
+  if not present and source != "--manual-dir":
+    return False
+  missing = [f for f in expected if f not in present]
+  if missing:
+    raise DataError(f"{name}: raw file(s) {', '.join(missing)} missing from {manual_dir} "
+                    f"(chosen by {source}); copy the original files there, or point --manual-dir "
+                    f"(or {MANUAL_DIR_ENV}=PARENT, for PARENT/{name}/) at a folder that has them")
+  for filename in present:
+    actual = _sha256(manual_dir / filename)
+    if actual != expected[filename][1]:
+      raise DataError(f"{name}: {manual_dir / filename} has sha256 {actual} but tfds expects "
+                      f"{expected[filename][1]}; replace it with the original file")
+  return True
+
+
+def _builder(name: str, data_dir: str):
+  return _tfds().builder(name, data_dir=data_dir, file_format="array_record")
+
+
+def is_prepared(name: str, data_dir: str) -> bool:
+  return _builder(name, data_dir).is_prepared()
+
+
+def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> None:
+  """Makes sure `name` is prepared in `data_dir`; raises DataError saying how to fix it if not."""
+  data_dir = data_dir or default_data_dir()
+  _builder_class(name)  # unknown names fail here, before anything is written
+  if is_prepared(name, data_dir):
+    return
+  local_dir, source = resolve_manual_dir(name, manual_dir)
+  has_local = local_dir is not None and check_manual_files(name, local_dir, source)
+  if not has_local:
+    unreachable = _first_unreachable_host(url for url, _ in raw_files(name).values())
+    if unreachable:
+      _raise_not_obtainable(name, data_dir, local_dir, source, unreachable)
+  origin = f"raw files in {local_dir}" if has_local else "a download by tfds"
+  print(f"Preparing {name} in {data_dir} from {origin} (once per data dir)...", file=sys.stderr)
+  with tempfile.NamedTemporaryFile("r", suffix=".txt") as error_file:
+    command = [sys.executable, "-m", "data.prepare", name, "--data-dir", data_dir,
+               "--error-file", error_file.name]
+    if has_local:
+      command += ["--manual-dir", str(local_dir)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    code = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parent.parent).returncode
+    reason = error_file.read().strip()
+  if code != 0:
+    reason = reason or f"data.prepare exited with status {code}"
+    if has_local:
+      raise DataError(f"could not prepare {name} from {local_dir}: {reason}")
+    _raise_not_obtainable(name, data_dir, local_dir, source, reason)
+
+
+def _first_unreachable_host(urls) -> str | None:
+  """A fast offline check: tfds itself retries a failing download for minutes before giving up."""
+  import socket
+  from urllib.parse import urlsplit
+  for host, port in sorted({(u.hostname, u.port or (443 if u.scheme == "https" else 80))
+                            for u in map(urlsplit, urls)}):
+    try:
+      socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+      return f"cannot reach {host} ({e.strerror or type(e).__name__})"
+  return None
+
+
+def _raise_not_obtainable(name, data_dir, local_dir, source, reason):
+  files = list(raw_files(name))
+  searched = f" and {local_dir} (from {source}) has none of its raw files" if local_dir else ""
+  raise DataError(f"{name} is not prepared in {data_dir}{searched}, and tfds cannot download it: "
+                  f"{reason}. To work offline, put {', '.join(files)} (the original files) in a "
+                  f"folder and pass --manual-dir DIR, or set {MANUAL_DIR_ENV}=PARENT with them in "
+                  f"PARENT/{name}/")
+
+
+def _decode_images(encoded: list[bytes], image_shape) -> np.ndarray:
+  from PIL import Image  # tfds's own decoder is ~2x slower per image than decoding in bulk here
+  images = np.empty((len(encoded), *image_shape), np.uint8)
+  for i, data in enumerate(encoded):
+    pixels = np.asarray(Image.open(io.BytesIO(data)))
+    images[i] = pixels.reshape(image_shape)
+  return images
+
+
+def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+  builder = _builder(name, data_dir or default_data_dir())
+  label = builder.info.features["label"]
+  return DatasetInfo(
+      name=name,
+      num_classes=label.num_classes,
+      class_names=tuple(label.names),
+      image_shape=tuple(builder.info.features["image"].shape),
+      num_examples={split: info.num_examples for split, info in builder.info.splits.items()})
+
+
+def load_split(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """One prepared split, in memory: uint8 images (N, H, W, C) and int32 labels (N,), read-only.
+
+  Cached per process: a second run in the same process (a notebook, a test session) does not
+  decode the images again.
+  """
+  return _load_split_cached(name, split, os.path.abspath(data_dir or default_data_dir()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_split_cached(name: str, split: str, data_dir: str):
+  tfds = _tfds()
+  info = dataset_info(name, data_dir)
+  source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+  records = source.__getitems__(list(range(len(source))))
+  images = _decode_images([r["image"] for r in records], info.image_shape)
+  labels = np.fromiter((r["label"] for r in records), np.int32, len(records))
+  images.flags.writeable = labels.flags.writeable = False
+  return images, labels
+
+
+def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None = None,
+                 splits=("train", "test")) -> Dataset:
+  """Prepares `name` if needed (see `prepare`) and loads `splits` into memory."""
+  data_dir = data_dir or default_data_dir()
+  prepare(name, data_dir, manual_dir)
+  info = dataset_info(name, data_dir)
+  for split in splits:
+    if split not in info.num_examples:
+      raise DataError(f"{name} has no split {split!r}; it has {', '.join(info.num_examples)}")
+  return Dataset(info, {split: load_split(name, split, data_dir) for split in splits})

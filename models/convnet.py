@@ -1,0 +1,28 @@
+"""ConvNet: the default MNIST model."""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models.registry import register_model
+
+
+@register_model("convnet")
+class ConvNet(nn.Module):
+  """3x3 conv + ReLU + 2x2 max-pool blocks, then a hidden dense layer and the classifier."""
+
+  num_classes: int = 10
+  widths: Sequence[int] = (16, 32)
+  hidden: int = 128
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    del train  # no dropout or BatchNorm: train and eval mode are the same
+    for width in self.widths:
+      x = nn.Conv(width, kernel_size=(3, 3))(x)
+      x = nn.relu(x)
+      x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.hidden)(x))
+    return nn.Dense(self.num_classes, name="head")(x)

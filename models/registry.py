@@ -1,0 +1,73 @@
+"""A timm-style model registry: `@register_model`, `create_model`, `list_models`."""
+
+import dataclasses
+import difflib
+import fnmatch
+
+_MODELS: dict[str, type] = {}
+
+
+def register_model(name: str):
+  """Class decorator: makes a `flax.linen` module constructible by `name`."""
+
+  def decorator(cls):
+    if name in _MODELS and _MODELS[name] is not cls:
+      raise ValueError(f"model name {name!r} is already registered to {_MODELS[name].__name__}")
+    _MODELS[name] = cls
+    cls.registered_name = name
+    return cls
+
+  return decorator
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+  """Registered model names, sorted; `pattern` is a shell-style wildcard such as 'conv*'."""
+  names = sorted(_MODELS)
+  return [n for n in names if pattern is None or fnmatch.fnmatchcase(n, pattern)]
+
+
+class UnknownModelError(ValueError):
+  pass
+
+
+def get_model_class(name: str) -> type:
+  if name not in _MODELS:
+    close = difflib.get_close_matches(name, _MODELS, n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise UnknownModelError(
+        f"unknown model {name!r}.{hint} Available models: {', '.join(list_models())}.")
+  return _MODELS[name]
+
+
+def model_kwarg_names(name: str) -> list[str]:
+  """Constructor arguments a model accepts (its dataclass fields, minus linen's own)."""
+  cls = get_model_class(name)
+  return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs):
+  """Builds a registered model. JSON lists (e.g. from a model card) become tuples."""
+  cls = get_model_class(name)
+  valid = model_kwarg_names(name)
+  unknown = sorted(set(kwargs) - set(valid))
+  if unknown:
+    raise TypeError(f"model {name!r} got unknown argument(s) {', '.join(unknown)}; "
+                    f"valid arguments: {', '.join(valid)}")
+  kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  return cls(num_classes=num_classes, **kwargs)
+
+
+def model_description(name: str) -> str:
+  doc = get_model_class(name).__doc__ or ""
+  return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def model_kwargs(model) -> dict:
+  """The constructor arguments of a model instance, JSON-ready (what a model card stores)."""
+  out = {}
+  for key in model_kwarg_names(model.registered_name):
+    if key == "num_classes":
+      continue
+    value = getattr(model, key)
+    out[key] = list(value) if isinstance(value, tuple) else value
+  return out

@@ -1,0 +1,54 @@
+"""Shared fixtures. Real MNIST comes from the original raw files in ../shared/data/mnist (or
+$FLAXZOO_MANUAL_DIR/mnist), prepared once per test session into a data dir of its own."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw_mnist_dir() -> Path | None:
+  candidates = [ROOT.parent / "shared" / "data" / "mnist"]
+  if os.environ.get("FLAXZOO_MANUAL_DIR"):
+    candidates.insert(0, Path(os.environ["FLAXZOO_MANUAL_DIR"]) / "mnist")
+  return next((c for c in candidates if (c / "train-images-idx3-ubyte.gz").is_file()), None)
+
+
+@pytest.fixture(scope="session")
+def mnist_raw_dir() -> Path:
+  found = raw_mnist_dir()
+  if found is None:
+    message = "real MNIST raw files not found: set FLAXZOO_MANUAL_DIR=PARENT with PARENT/mnist/"
+    if os.environ.get("CI"):
+      pytest.fail(message)  # CI has ../shared/data: a missing folder is a broken setup, not a skip
+    pytest.skip(message)
+  return found
+
+
+@pytest.fixture(scope="session")
+def mnist_data_dir(tmp_path_factory, mnist_raw_dir) -> str:
+  """A tfds data dir with MNIST prepared from the real raw files (about 30 s, once)."""
+  import data
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  data.prepare("mnist", data_dir, str(mnist_raw_dir))
+  return data_dir
+
+
+def run_cli(*args, cwd=None, timeout=600):
+  """Runs `python -m training ARGS` in a new process; returns the CompletedProcess."""
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  env.pop("FLAXZOO_MANUAL_DIR", None)
+  return subprocess.run([sys.executable, "-m", "training", *map(str, args)], capture_output=True,
+                        text=True, cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+def tree_snapshot(path: Path) -> dict:
+  """Every file under `path` with its size, mtime and bytes: equal snapshots = nothing changed."""
+  if not path.exists():
+    return {}
+  return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
+          for p in sorted(path.rglob("*")) if p.is_file()}

@@ -1,0 +1,103 @@
+import socket
+
+import numpy as np
+import pytest
+
+import data
+from conftest import tree_snapshot
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+  a = data.epoch_permutation(0, 3, 1000)
+  assert np.array_equal(a, data.epoch_permutation(0, 3, 1000))
+  assert sorted(a) == list(range(1000))
+  assert not np.array_equal(a, data.epoch_permutation(0, 4, 1000))
+  assert not np.array_equal(a, data.epoch_permutation(1, 3, 1000))
+
+
+def test_resumed_batches_equal_the_uninterrupted_tail():
+  images = np.arange(100 * 4, dtype=np.uint8).reshape(100, 2, 2, 1)
+  labels = np.arange(100, dtype=np.int32)
+  full = list(data.train_batches(images, labels, 16, seed=7, epoch=2))
+  tail = list(data.train_batches(images, labels, 16, seed=7, epoch=2, start=4))
+  assert len(full) == data.steps_per_epoch(100, 16) == 6
+  assert len(tail) == 2
+  for (xa, ya), (xb, yb) in zip(full[4:], tail):
+    assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+  seen = np.concatenate([y for _, y in full])
+  assert len(set(seen)) == len(seen) == 96  # no repeats within an epoch; last partial batch dropped
+
+
+def test_eval_batches_cover_every_example_once():
+  images = np.ones((10, 2, 2, 1), np.uint8)
+  labels = np.arange(10, dtype=np.int32)
+  batches = list(data.eval_batches(images, labels, 4))
+  assert [x.shape[0] for x, _, _ in batches] == [4, 4, 4]
+  assert sum(m.sum() for _, _, m in batches) == 10
+  assert np.array_equal(np.concatenate([y[m > 0] for _, y, m in batches]), labels)
+
+
+def test_explicit_manual_dir_without_files_names_them(tmp_path):
+  data_dir = tmp_path / "tfds"
+  with pytest.raises(data.DataError) as e:
+    data.prepare("mnist", str(data_dir), str(tmp_path / "empty"))
+  message = str(e.value)
+  for filename in data.raw_files("mnist"):
+    assert filename in message
+  assert "--manual-dir" in message and "FLAXZOO_MANUAL_DIR" in message
+  assert "\n" not in message
+  assert not data_dir.exists()
+
+
+def test_wrong_checksum_names_file_and_both_sums(tmp_path):
+  manual = tmp_path / "mnist"
+  manual.mkdir()
+  for filename in data.raw_files("mnist"):
+    (manual / filename).write_bytes(b"not mnist")
+  with pytest.raises(data.DataError) as e:
+    data.prepare("mnist", str(tmp_path / "tfds"), str(manual))
+  message = str(e.value)
+  assert "t10k-images-idx3-ubyte.gz" in message
+  assert data.raw_files("mnist")["t10k-images-idx3-ubyte.gz"][1] in message  # expected sum
+  import hashlib
+  assert hashlib.sha256(b"not mnist").hexdigest() in message  # actual sum
+
+
+def test_offline_without_files_says_where_to_put_them(tmp_path, monkeypatch):
+  def offline(*args, **kwargs):
+    raise OSError(-2, "Name or service not known")
+  monkeypatch.setattr(socket, "create_connection", offline)
+  monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
+  with pytest.raises(data.DataError) as e:
+    data.prepare("mnist", str(tmp_path / "tfds"))
+  message = str(e.value)
+  assert "cannot reach" in message and "train-images-idx3-ubyte.gz" in message
+  assert "--manual-dir" in message and "FLAXZOO_MANUAL_DIR" in message
+  assert tree_snapshot(tmp_path) == {}
+
+
+def test_unknown_dataset_suggests_close_names():
+  with pytest.raises(data.DataError, match="Did you mean mnist"):
+    data.prepare("mnsit", "/nonexistent")
+
+
+def test_real_mnist_through_tfds(mnist_data_dir):
+  info = data.dataset_info("mnist", mnist_data_dir)
+  assert info.num_classes == 10 and info.image_shape == (28, 28, 1)
+  images, labels = data.load_split("mnist", "train", mnist_data_dir)
+  assert images.shape == (60000, 28, 28, 1) and images.dtype == np.uint8
+  # Label counts and pixel mean of the original files (../shared/data/mnist/README.md).
+  assert np.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+  assert abs(images.mean() / 255 - 0.130660) < 1e-5
+  test_images, test_labels = data.load_split("mnist", "test", mnist_data_dir)
+  assert np.bincount(test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+  assert data.load_split("mnist", "train", mnist_data_dir)[0] is images  # loaded once per process
+
+
+def test_env_var_manual_dir_is_used(tmp_path, monkeypatch, mnist_raw_dir):
+  monkeypatch.setenv(data.MANUAL_DIR_ENV, str(mnist_raw_dir.parent))
+  local_dir, source = data.datasets.resolve_manual_dir("mnist")
+  assert local_dir == mnist_raw_dir and source == "$FLAXZOO_MANUAL_DIR"
+  assert data.datasets.check_manual_files("mnist", local_dir, source)
+  local_dir, source = data.datasets.resolve_manual_dir("mnist", str(tmp_path))
+  assert local_dir == tmp_path and source == "--manual-dir"  # the flag wins over the variable

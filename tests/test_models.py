@@ -1,0 +1,59 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+import models
+from models import ConvNet, MLP, create_model, list_models
+
+
+@pytest.mark.parametrize("name,cls", [("convnet", ConvNet), ("mlp", MLP)])
+@pytest.mark.parametrize("num_classes", [10, 3])
+def test_forward_shape(name, cls, num_classes):
+  model = create_model(name, num_classes=num_classes)
+  assert isinstance(model, cls)
+  x = jnp.zeros((2, 28, 28, 1))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  logits = model.apply(variables, x)
+  assert logits.shape == (2, num_classes)
+  assert logits.dtype == jnp.float32
+
+
+def test_convnet_widths_are_attributes():
+  model = ConvNet(num_classes=10, widths=(4, 8), hidden=16)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  assert params["Conv_0"]["kernel"].shape == (3, 3, 1, 4)
+  assert params["Conv_1"]["kernel"].shape == (3, 3, 4, 8)
+  assert params["head"]["kernel"].shape == (16, 10)
+
+
+def test_list_models_with_wildcards():
+  assert {"convnet", "mlp"} <= set(list_models())
+  assert list_models("conv*") == ["convnet"]
+  assert list_models("*lp") == ["mlp"]
+  assert list_models("nothing*") == []
+
+
+def test_unknown_model_lists_available_ones():
+  with pytest.raises(models.UnknownModelError) as e:
+    create_model("convent")
+  message = str(e.value)
+  assert "Did you mean convnet" in message
+  assert "convnet" in message and "mlp" in message
+
+
+def test_unknown_kwarg_lists_valid_ones():
+  with pytest.raises(TypeError, match="valid arguments: num_classes, widths, hidden"):
+    create_model("convnet", width=3)
+
+
+def test_json_lists_become_tuples_and_round_trip():
+  model = create_model("convnet", num_classes=5, widths=[8, 16])
+  assert model.widths == (8, 16)
+  hash(model)  # jit needs hashable static modules
+  assert models.model_kwargs(model) == {"widths": [8, 16], "hidden": 128}
+  assert create_model("convnet", num_classes=5, **models.model_kwargs(model)) == model
+
+
+def test_register_model_rejects_a_taken_name():
+  with pytest.raises(ValueError, match="already registered"):
+    models.register_model("convnet")(type("Other", (), {}))

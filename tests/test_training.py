@@ -1,0 +1,150 @@
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data
+import models
+import training
+from training import checkpoint
+from training.config import Config, ConfigError, override, validate
+from training.state import create_train_state, train_step
+
+TINY = {"widths": [4, 8], "hidden": 16}
+
+
+def small_config(data_dir, **changes) -> Config:
+  values = dict(model_kwargs=TINY, data_dir=data_dir, epochs=2, batch_size=64, train_examples=640,
+                test_examples=500, log_every_steps=4, learning_rate=3e-3)
+  values.update(changes)
+  return Config(**values)
+
+
+def trees_equal(a, b) -> bool:
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def read_metrics(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(records):
+  return [{k: v for k, v in r.items() if k != "img_per_s"} for r in records]
+
+
+def test_a_few_steps_reduce_the_loss(mnist_data_dir):
+  images, labels = data.load_split("mnist", "train", mnist_data_dir)
+  model = models.create_model("convnet", num_classes=10, **TINY)
+  state = create_train_state(model, Config(learning_rate=1e-2), (28, 28, 1), total_steps=30)
+  losses = []
+  for _ in range(30):
+    state, metrics = train_step(state, images[:128], labels[:128])
+    losses.append(float(metrics["loss"]))
+  assert losses[-1] < 0.5 * losses[0]
+  assert int(state.step) == 30
+
+
+def test_checkpoint_restores_params_and_optimizer_state_exactly(tmp_path, mnist_data_dir):
+  images, labels = data.load_split("mnist", "train", mnist_data_dir)
+  model = models.create_model("convnet", num_classes=10, **TINY)
+  config = Config(model_kwargs=TINY)
+  state = create_train_state(model, config, (28, 28, 1), total_steps=10)
+  for i in range(3):
+    state, _ = train_step(state, images[i * 32:(i + 1) * 32], labels[i * 32:(i + 1) * 32])
+  info = data.dataset_info("mnist", mnist_data_dir)
+  with checkpoint.open_manager(tmp_path) as manager:
+    checkpoint.save(manager, state, checkpoint.make_card(model, config, info, 3, 0.1, {}))
+    manager.wait_until_finished()
+  fresh = create_train_state(model, Config(model_kwargs=TINY, seed=1), (28, 28, 1), total_steps=10)
+  with checkpoint.open_manager(tmp_path) as manager:
+    restored = checkpoint.restore_state(manager, 3, fresh)
+  assert trees_equal(restored.params, state.params)
+  assert trees_equal(restored.opt_state, state.opt_state)
+  assert int(restored.step) == 3 and np.array_equal(restored.rng, state.rng)
+  # The restored state trains on exactly like the original.
+  a, _ = train_step(state, images[:32], labels[:32])
+  b, _ = train_step(restored, images[:32], labels[:32])
+  assert trees_equal(a.params, b.params)
+
+
+def test_model_card_round_trip(tmp_path, mnist_data_dir):
+  config = small_config(mnist_data_dir, epochs=1)
+  state = training.train_and_evaluate(config, tmp_path)
+  model, variables, card = training.load_checkpoint(tmp_path)
+  assert model == models.create_model("convnet", num_classes=10, **TINY)
+  assert trees_equal(variables["params"], state.params)
+  assert card["model"] == {"name": "convnet", "kwargs": TINY}
+  assert card["num_classes"] == 10 and card["input_shape"] == [28, 28, 1]
+  assert card["dataset"]["name"] == "mnist" and card["dataset"]["class_names"] == list("0123456789")
+  assert card["step"] == 10 and card["epoch"] == 1
+  assert training.config.from_dict(card["config"]) == config
+  assert card["metrics"]["test"]["num_examples"] == 500
+  assert set(card["versions"]) == {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint"}
+  # predict on an array with the loaded model
+  images, labels = data.load_split("mnist", "test", mnist_data_dir)
+  probs = training.predict(model, variables, images[:500])
+  assert probs.shape == (500, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+  assert np.mean(probs.argmax(1) == labels[:500]) == pytest.approx(card["metrics"]["test"]["accuracy"])
+
+
+def test_resumed_run_continues_and_matches_an_uninterrupted_one(tmp_path, mnist_data_dir):
+  config = small_config(mnist_data_dir, checkpoint_every_steps=6)
+  straight = training.train_and_evaluate(config, tmp_path / "straight")
+  assert int(straight.step) == 20
+  assert checkpoint.saved_steps(tmp_path / "straight") == [12, 18, 20]  # keeps the last 3
+
+  # A run that died after its checkpoint at step 12: later step folders never committed.
+  resumed_dir = tmp_path / "resumed"
+  shutil.copytree(tmp_path / "straight", resumed_dir)
+  for step in (18, 20):
+    shutil.rmtree(resumed_dir / str(step))
+  resumed = training.train_and_evaluate(config, resumed_dir)
+
+  assert int(resumed.step) == 20
+  assert trees_equal(resumed.params, straight.params)
+  assert trees_equal(resumed.opt_state, straight.opt_state)
+  records = read_metrics(resumed_dir)
+  assert without_timing(records) == without_timing(read_metrics(tmp_path / "straight"))
+  train_steps = [r["step"] for r in records if r["split"] == "train"]
+  assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 20
+  assert [(r["step"], r["epoch"]) for r in records if r["split"] == "test"] == [(10, 1), (20, 2)]
+
+
+def test_more_epochs_continue_a_finished_run(tmp_path, mnist_data_dir, capsys):
+  training.train_and_evaluate(small_config(mnist_data_dir, epochs=1), tmp_path)
+  again = training.train_and_evaluate(small_config(mnist_data_dir, epochs=1), tmp_path)
+  assert int(again.step) == 10 and "already trained" in capsys.readouterr().out
+  longer = training.train_and_evaluate(small_config(mnist_data_dir, epochs=2), tmp_path)
+  assert int(longer.step) == 20
+  assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "test"] == [10, 20]
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path, mnist_data_dir):
+  from conftest import tree_snapshot
+  training.train_and_evaluate(small_config(mnist_data_dir, epochs=1), tmp_path)
+  before = tree_snapshot(tmp_path)
+  with pytest.raises(ConfigError, match=r"model: 'convnet' -> 'mlp'"):
+    training.train_and_evaluate(small_config(mnist_data_dir, model="mlp", model_kwargs={}), tmp_path)
+  assert tree_snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"batch_size": -8}, "batch_size must be at least 1"),
+    ({"learning_rate": -0.1}, "learning_rate must be greater than 0"),
+])
+def test_bad_values_are_rejected(overrides, message):
+  with pytest.raises(ConfigError, match=message):
+    validate(override(Config(), overrides))
+
+
+def test_unknown_or_mistyped_override_is_rejected():
+  with pytest.raises(ConfigError, match="unknown config field 'epoch'. Did you mean epochs"):
+    override(Config(), {"epoch": 3})
+  with pytest.raises(ConfigError, match="'batch_size' must be int"):
+    override(Config(), {"batch_size": "64"})
+  assert override(Config(), {"learning_rate": 1}).learning_rate == 1.0

@@ -1,0 +1,140 @@
+"""The `flaxzoo` command line: `models`, `train`, `eval`. Each does what the Python API does."""
+
+import argparse
+import json
+import os
+import sys
+
+# Keep TensorFlow's and XLA's C++ start-up chatter out of the terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _print_error(message: str) -> int:
+  print(f"flaxzoo: error: {message}", file=sys.stderr)
+  return 2
+
+
+def cmd_models(args) -> int:
+  import jax
+  import jax.numpy as jnp
+  import models
+  rows = []
+  for name in models.list_models(args.pattern):
+    model = models.create_model(name)
+    shapes = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))))
+    params = sum(x.size for x in jax.tree.leaves(shapes["params"]))
+    rows.append({"name": name, "params": params, "description": models.model_description(name),
+                 "kwargs": models.model_kwargs(model)})
+  if args.json:
+    print(json.dumps(rows))
+  else:
+    for row in rows:
+      print(f"{row['name']:<12} {row['params']:>10,} params  {row['description']}")
+  return 0
+
+
+def _train_overrides(args) -> dict:
+  flags = {"model": args.model, "dataset": args.dataset, "epochs": args.epochs,
+           "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
+           "manual_dir": args.manual_dir, "data_dir": args.data_dir,
+           "checkpoint_every_steps": args.checkpoint_every_steps}
+  overrides = {k: v for k, v in flags.items() if v is not None}
+  for item in args.set or []:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+    try:
+      overrides[key] = json.loads(text)
+    except json.JSONDecodeError:
+      overrides[key] = text  # a bare string such as a path
+  return overrides
+
+
+def cmd_train(args) -> int:
+  from training import train
+  from training import config as config_lib
+  from training import checkpoint
+  overrides = _train_overrides(args)
+  config = config_lib.override(config_lib.Config(), overrides)
+  workdir = args.workdir or os.path.join("checkpoints", f"{config.dataset}-{config.model}")
+  if checkpoint.saved_steps(workdir):
+    # Continue the saved run: its config is the base, the flags given now change it.
+    saved = config_lib.from_dict(checkpoint.read_card(workdir)["config"])
+    config = config_lib.override(saved, overrides)
+  train.train_and_evaluate(config, workdir)
+  return 0
+
+
+def cmd_eval(args) -> int:
+  import data
+  from training import checkpoint
+  from training.train import evaluate
+  model, variables, card = checkpoint.load_checkpoint(args.workdir, args.step)
+  saved = card["config"]
+  name = card["dataset"]["name"]
+  data_dir = args.data_dir or saved.get("data_dir")
+  data.prepare(name, data_dir, args.manual_dir or saved.get("manual_dir"))
+  images, labels = data.load_split(name, args.split, data_dir)
+  if args.split == "test" and saved.get("test_examples"):
+    images, labels = images[:saved["test_examples"]], labels[:saved["test_examples"]]
+  result = evaluate(model, variables, images, labels, saved.get("eval_batch_size", 1000))
+  result.update(step=card["step"], split=args.split, dataset=name, model=card["model"]["name"],
+                workdir=str(args.workdir))
+  print(f"{args.workdir} step {card['step']}: {name} {args.split} accuracy "
+        f"{result['accuracy']:.2%}, loss {result['loss']:.4f} on {result['num_examples']} examples")
+  if args.json:
+    print(json.dumps(result))
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="flaxzoo", description="Flax model zoo: train, evaluate "
+                                   "and checkpoint image classifiers on tfds datasets.")
+  sub = parser.add_subparsers(dest="command", required=True)
+
+  p = sub.add_parser("models", help="list registered models")
+  p.add_argument("pattern", nargs="?", help="shell-style wildcard, e.g. 'conv*'")
+  p.add_argument("--json", action="store_true", help="print one JSON list")
+  p.set_defaults(func=cmd_models)
+
+  p = sub.add_parser("train", help="train a model (continues from WORKDIR's latest checkpoint)")
+  p.add_argument("--model", help="registered model name (default convnet)")
+  p.add_argument("--dataset", help="tfds dataset name (default mnist)")
+  p.add_argument("--workdir", help="checkpoints and metrics.jsonl (default checkpoints/<dataset>-<model>)")
+  p.add_argument("--epochs", type=int)
+  p.add_argument("--batch-size", type=int)
+  p.add_argument("--learning-rate", type=float, help="peak learning rate of the one-cycle schedule")
+  p.add_argument("--seed", type=int)
+  p.add_argument("--checkpoint-every-steps", type=int, metavar="K",
+                 help="also save a checkpoint every K steps (default: at epoch ends only)")
+  p.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
+  p.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
+  p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                 help="override any config field, e.g. --set model_kwargs='{\"widths\": [8, 16]}'")
+  p.set_defaults(func=cmd_train)
+
+  p = sub.add_parser("eval", help="evaluate a checkpoint in a new process")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--split", default="test")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  p.add_argument("--manual-dir")
+  p.add_argument("--data-dir")
+  p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+  p.set_defaults(func=cmd_eval)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  import absl.logging  # orbax logs routine notices as warnings
+  absl.logging.set_verbosity(absl.logging.ERROR)
+  from data import DataError
+  from models import UnknownModelError
+  from training.checkpoint import CheckpointError
+  from training.config import ConfigError
+  try:
+    return args.func(args)
+  except (DataError, ConfigError, CheckpointError, UnknownModelError, ValueError) as e:
+    return _print_error(str(e))
+  except KeyboardInterrupt:
+    return _print_error("interrupted") or 130
