@@ -34,6 +34,7 @@ def cmd_models(args) -> int:
 
 
 def _train_overrides(args) -> dict:
+  from training.config import ConfigError
   flags = {"model": args.model, "dataset": args.dataset, "epochs": args.epochs,
            "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
            "manual_dir": args.manual_dir, "data_dir": args.data_dir,
@@ -42,7 +43,7 @@ def _train_overrides(args) -> dict:
   for item in args.set or []:
     key, sep, text = item.partition("=")
     if not sep:
-      raise ValueError(f"--set takes KEY=VALUE, got {item!r}")
+      raise ConfigError(f"--set takes KEY=VALUE, got {item!r}")
     try:
       overrides[key] = json.loads(text)
     except json.JSONDecodeError:
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
   from training.config import ConfigError
   try:
     return args.func(args)
-  except (DataError, ConfigError, CheckpointError, UnknownModelError, ValueError) as e:
+  except (DataError, ConfigError, CheckpointError, UnknownModelError) as e:
     return _print_error(str(e))
   except KeyboardInterrupt:
     return _print_error("interrupted") or 130

@@ -138,7 +138,8 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
     epoch_start = time.perf_counter()
     window_start = epoch_start
     bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
-               unit="step", leave=False, file=sys.stderr, disable=None)
+               unit="step", leave=False, file=sys.stderr,
+               disable=not sys.stderr.isatty())  # tqdm's own disable=None misdetects ttys
 
     def flush_train_window():
       nonlocal window, window_start
