@@ -191,22 +191,24 @@ def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
       num_examples={split: info.num_examples for split, info in builder.info.splits.items()})
 
 
-def load_split(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_split(name: str, split: str, data_dir: str | None = None,
+               limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """One prepared split, in memory: uint8 images (N, H, W, C) and int32 labels (N,), read-only.
 
-  Cached per process: a second run in the same process (a notebook, a test session) does not
-  decode the images again.
+  `limit` reads only the first `limit` examples (quick runs decode only what they use). Cached per
+  process: a second run in the same process (a notebook, a test session) does not decode again.
   """
-  return _load_split_cached(name, split, os.path.abspath(data_dir or default_data_dir()))
+  return _load_split_cached(name, split, os.path.abspath(data_dir or default_data_dir()), limit or None)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_split_cached(name: str, split: str, data_dir: str):
+@functools.lru_cache(maxsize=8)
+def _load_split_cached(name: str, split: str, data_dir: str, limit: int | None):
   tfds = _tfds()
   info = dataset_info(name, data_dir)
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
-  records = source.__getitems__(list(range(len(source))))
+  count = len(source) if limit is None else min(limit, len(source))
+  records = source.__getitems__(list(range(count)))
   images = _decode_images([r["image"] for r in records], info.image_shape)
   labels = np.fromiter((r["label"] for r in records), np.int32, len(records))
   images.flags.writeable = labels.flags.writeable = False
@@ -214,12 +216,15 @@ def _load_split_cached(name: str, split: str, data_dir: str):
 
 
 def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None = None,
-                 splits=("train", "test")) -> Dataset:
-  """Prepares `name` if needed (see `prepare`) and loads `splits` into memory."""
+                 splits=("train", "test"), limits: dict | None = None) -> Dataset:
+  """Prepares `name` if needed (see `prepare`) and loads `splits` into memory; `limits` maps a
+  split to the number of its first examples to load (absent or 0: all)."""
   data_dir = data_dir or default_data_dir()
   prepare(name, data_dir, manual_dir)
   info = dataset_info(name, data_dir)
   for split in splits:
     if split not in info.num_examples:
       raise DataError(f"{name} has no split {split!r}; it has {', '.join(info.num_examples)}")
-  return Dataset(info, {split: load_split(name, split, data_dir) for split in splits})
+  limits = limits or {}
+  return Dataset(info, {split: load_split(name, split, data_dir, limits.get(split))
+                        for split in splits})

@@ -22,10 +22,12 @@ def assert_one_clear_error(result, *fragments):
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory, mnist_data_dir):
-  """`flaxzoo train` on a 4,096-image slice of real MNIST, default ConvNet, one epoch."""
+  """`flaxzoo train` on a 4,096-image slice of real MNIST, default ConvNet, one epoch (32 steps,
+  checkpoints at steps 16 and 32)."""
   workdir = tmp_path_factory.mktemp("run") / "mnist-convnet"
   result = run_cli("train", "--workdir", workdir, "--data-dir", mnist_data_dir, "--epochs", 1,
-                   "--set", "train_examples=4096", "--set", "test_examples=2000")
+                   "--checkpoint-every-steps", 16, "--set", "train_examples=4096",
+                   "--set", "test_examples=2000")
   assert result.returncode == 0, result.stderr
   return workdir
 
@@ -106,3 +108,69 @@ def test_eval_without_a_checkpoint(tmp_path, make_dir):
   result = run_cli("eval", "--workdir", workdir)
   assert_one_clear_error(result, str(workdir), "flaxzoo train --workdir")
   assert workdir.exists() == make_dir and (not make_dir or not any(workdir.iterdir()))
+
+
+def test_unknown_model_suggests_the_close_name(tmp_path):
+  result = run_cli("train", "--model", "convnt", "--workdir", tmp_path / "w")
+  assert_one_clear_error(result, "unknown model 'convnt'", "convnet")
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_dataset_suggests_the_close_name(tmp_path):
+  result = run_cli("train", "--dataset", "mnits", "--workdir", tmp_path / "w",
+                   "--data-dir", tmp_path / "tfds")
+  assert_one_clear_error(result, "unknown dataset 'mnits'", "Did you mean", "mnist")
+  assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
+
+
+def test_train_on_another_datasets_checkpoint_is_refused(trained_workdir, mnist_data_dir):
+  before = tree_snapshot(trained_workdir)
+  result = run_cli("train", "--dataset", "fashion_mnist", "--workdir", trained_workdir,
+                   "--data-dir", mnist_data_dir)
+  assert_one_clear_error(result, "another run", "dataset: 'mnist' -> 'fashion_mnist'")
+  assert tree_snapshot(trained_workdir) == before
+
+
+def test_workdir_that_cannot_be_written(tmp_path):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("not a folder")
+  result = run_cli("train", "--workdir", blocker / "run")
+  assert_one_clear_error(result, f"cannot write to workdir {blocker / 'run'}", "--workdir")
+  assert blocker.read_text() == "not a folder"
+
+
+def test_raw_file_with_a_wrong_checksum(tmp_path, mnist_raw_dir):
+  import shutil
+  raw = tmp_path / "raw"
+  shutil.copytree(mnist_raw_dir, raw)
+  with open(raw / "t10k-labels-idx1-ubyte.gz", "ab") as f:
+    f.write(b"\0")
+  result = run_cli("train", "--workdir", tmp_path / "w", "--data-dir", tmp_path / "tfds",
+                   "--manual-dir", raw)
+  assert_one_clear_error(result, str(raw / "t10k-labels-idx1-ubyte.gz"), "has sha256",
+                         "but tfds expects", "replace it with the original file")
+  assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
+
+
+def test_eval_skips_a_damaged_newest_checkpoint(tmp_path, trained_workdir, mnist_data_dir):
+  import shutil
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained_workdir, workdir)
+  (workdir / "32" / "card" / "metadata").write_text("{")  # a card cut short
+  result = run_cli("eval", "--workdir", workdir, "--data-dir", mnist_data_dir, "--step", 32)
+  assert_one_clear_error(result, f"checkpoint {workdir}/32 is unreadable", "card cannot be read")
+
+
+def test_eval_falls_back_from_a_damaged_newest_checkpoint(tmp_path, trained_workdir, mnist_data_dir):
+  import shutil
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained_workdir, workdir)
+  data_files = [p for p in (workdir / "32" / "state").rglob("d/*") if p.is_file()]
+  for path in data_files:
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  result = run_cli("eval", "--workdir", workdir, "--data-dir", mnist_data_dir, "--json")
+  assert result.returncode == 0, result.stderr
+  warnings = [l for l in result.stderr.splitlines() if "unreadable" in l]
+  assert len(warnings) == 1 and f"checkpoint {workdir}/32 is unreadable" in warnings[0]
+  assert "Traceback" not in result.stderr and "Event loop" not in result.stderr, result.stderr
+  assert json.loads(result.stdout.splitlines()[-1])["step"] == 16

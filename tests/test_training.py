@@ -57,11 +57,11 @@ def test_checkpoint_restores_params_and_optimizer_state_exactly(tmp_path, mnist_
     state, _ = train_step(state, images[i * 32:(i + 1) * 32], labels[i * 32:(i + 1) * 32])
   info = data.dataset_info("mnist", mnist_data_dir)
   with checkpoint.open_manager(tmp_path) as manager:
-    checkpoint.save(manager, state, checkpoint.make_card(model, config, info, 3, 0.1, {}))
-    manager.wait_until_finished()
+    checkpoint.save(manager, state, checkpoint.make_card(model, config, info, 3, 0.1, {}), keep=3)
+    checkpoint.wait(manager)
   fresh = create_train_state(model, Config(model_kwargs=TINY, seed=1), (28, 28, 1), total_steps=10)
-  with checkpoint.open_manager(tmp_path) as manager:
-    restored = checkpoint.restore_state(manager, 3, fresh)
+  restored, card, skipped = checkpoint.restore_latest(tmp_path, fresh)
+  assert card["step"] == 3 and not skipped
   assert trees_equal(restored.params, state.params)
   assert trees_equal(restored.opt_state, state.opt_state)
   assert int(restored.step) == 3 and np.array_equal(restored.rng, state.rng)

@@ -3,7 +3,7 @@
 from training.checkpoint import CheckpointError, load_checkpoint, read_card
 from training.config import Config, ConfigError
 from training.state import TrainState, create_train_state, eval_step, predict_step, train_step
-from training.train import evaluate, train_and_evaluate
+from training.train import TrainingDiverged, TrainingInterrupted, evaluate, train_and_evaluate
 
 
 def predict(model, variables, images, batch_size: int = 1000):
@@ -15,4 +15,4 @@ def predict(model, variables, images, batch_size: int = 1000):
 
 __all__ = ["CheckpointError", "Config", "ConfigError", "TrainState", "create_train_state",
            "eval_step", "evaluate", "load_checkpoint", "predict", "predict_step", "read_card",
-           "train_and_evaluate", "train_step"]
+           "train_and_evaluate", "train_step", "TrainingDiverged", "TrainingInterrupted"]

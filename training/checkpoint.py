@@ -2,13 +2,29 @@
 
 Layout: WORKDIR/<step>/state (orbax PyTree) and WORKDIR/<step>/card (JSON). The card alone is
 enough to rebuild the model: `load_checkpoint` needs no code or config from the training run.
+
+Integrity: orbax writes each step into a temporary folder and renames it when complete, so a
+killed save leaves no half-written step. Old steps are deleted only after a newer one is
+committed. The card holds a sha256 fingerprint of every part of the state; a restore that reads
+other bytes (truncated, damaged or missing files) calls the checkpoint unreadable, and callers
+fall back to the newest one that reads back exactly. Nothing here unpickles: the state is
+tensorstore arrays, the card JSON.
 """
 
+import contextlib
 import dataclasses
+import datetime
+import gc
+import hashlib
 import importlib.metadata
+import logging
+import re
+import shutil
+import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 import models
@@ -22,11 +38,38 @@ class CheckpointError(Exception):
   """A checkpoint problem the user can fix; the message is one line saying how."""
 
 
-def open_manager(workdir, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+class UnreadableCheckpoint(CheckpointError):
+  """One step's checkpoint cannot be read back as it was written."""
+
+  def __init__(self, workdir, step: int, reason: str):
+    super().__init__(f"checkpoint {workdir}/{step} is unreadable: {reason}")
+    self.step, self.reason = step, reason
+
+
+UNREADABLE_DIR = "unreadable"  # where training moves unreadable steps (never deletes them)
+
+
+def open_manager(workdir, read_only: bool = False) -> ocp.CheckpointManager:
+  """Retention is ours (see `save`), so orbax never deletes a step on its own."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=None if read_only else keep, enable_async_checkpointing=not read_only,
-      create=not read_only, read_only=read_only)
-  return ocp.CheckpointManager(Path(workdir).absolute(), options=options)
+      max_to_keep=None, enable_async_checkpointing=not read_only, create=not read_only,
+      read_only=read_only, save_interval_steps=0 if read_only else 1,
+      cleanup_tmp_directories=not read_only)  # leftovers of killed saves
+  if not read_only:
+    return ocp.CheckpointManager(Path(workdir).absolute(), options=options)
+  with _absl_quiet():  # orbax warns "Given directory is read only" on every read-only open
+    return ocp.CheckpointManager(Path(workdir).absolute(), options=options)
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+  import absl.logging
+  level = absl.logging.get_verbosity()
+  absl.logging.set_verbosity(min(level, absl.logging.ERROR))  # lower = fewer messages
+  try:
+    yield
+  finally:
+    absl.logging.set_verbosity(level)
 
 
 def saved_steps(workdir) -> list[int]:
@@ -56,26 +99,192 @@ def make_card(model, config: Config, dataset_info, step: int, epoch: float, metr
   }
 
 
-def save(manager: ocp.CheckpointManager, state: TrainState, card: dict) -> None:
-  """Starts an asynchronous save; orbax commits the step folder atomically when it finishes."""
-  manager.save(int(card["step"]), args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), card=ocp.args.JsonSave(card)))
+def fingerprint(tree) -> str:
+  """sha256 over every leaf's path, dtype, shape and bytes."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    array = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
 
 
-def read_card(workdir, step: int | None = None) -> dict:
-  """The model card of `step` (default: the latest checkpoint) in `workdir`."""
+STATE_PARTS = ("params", "batch_stats", "opt_state", "step", "rng")
+
+
+def state_fingerprints(state: TrainState) -> dict:
+  return {part: fingerprint(getattr(state, part)) for part in STATE_PARTS}
+
+
+def _verify(workdir, step: int, card: dict, parts: dict) -> None:
+  expected = card.get("fingerprints") or {}  # cards written before fingerprints had none
+  for part, tree in parts.items():
+    if part in expected and fingerprint(tree) != expected[part]:
+      raise UnreadableCheckpoint(workdir, step, f"its {part} do not match the fingerprint saved "
+                                 f"with them (damaged files)")
+
+
+def save(manager: ocp.CheckpointManager, state: TrainState, card: dict, keep: int) -> None:
+  """Starts an asynchronous save of `state` and `card` as step `card["step"]`.
+
+  First waits for the previous save to commit (raising if it failed) and only then deletes steps
+  beyond the newest `keep`, so a failed or killed save never costs a committed checkpoint.
+  """
+  step = int(card["step"])
+  card = dict(card, fingerprints=state_fingerprints(state))
+  with _save_errors(manager, step):
+    wait(manager, keep)
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), card=ocp.args.JsonSave(card)))
+
+
+def wait(manager: ocp.CheckpointManager, keep: int | None = None) -> None:
+  """Blocks until the save in flight (if any) is committed, raising CheckpointError if it failed;
+  then deletes committed steps beyond the newest `keep`."""
+  with _save_errors(manager, manager.latest_step()):  # the step in flight, if one is
+    manager.wait_until_finished()
+    manager.check_for_errors()
+    for old in sorted(manager.all_steps())[:-keep] if keep else []:
+      manager.delete(old)
+
+
+class _save_errors:
+  """Turns any failure while saving into one CheckpointError line naming what is still intact."""
+
+  def __init__(self, manager, step):
+    self.manager, self.step = manager, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, traceback):
+    if error is None or isinstance(error, CheckpointError) or not isinstance(error, Exception):
+      return False
+    workdir = self.manager.directory
+    committed = sorted(s for s in _committed_steps(workdir) if s != self.step)
+    intact = (f"the committed checkpoints ({', '.join(map(str, committed))}) are intact"
+              if committed else "no earlier checkpoint exists")
+    what = f"step {self.step}" if self.step is not None else "a checkpoint"
+    reason = _reason(error)
+    os_error = re.search(r"Failed to write [^:]*: ([^\[]+?)\s*\[os_error_code", str(error))
+    if os_error:  # tensorstore's message is mostly a spec; the OS's words are what matters
+      reason = f"{os_error.group(1)}, writing its array data"
+    raise CheckpointError(f"saving {what} in {workdir} failed ({reason}); {intact}. Free disk "
+                          f"space or choose another --workdir, then run again to continue") from error
+
+
+def _committed_steps(workdir) -> list[int]:
+  try:
+    return saved_steps(workdir)
+  except Exception:  # listing itself failed: claim nothing
+    return []
+
+
+def check_free_space(workdir, state: TrainState, keep: int) -> None:
+  """Raises when the disk cannot hold `keep` + 1 checkpoints of `state` (one is being written)."""
+  needed = (keep + 1) * sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)) + (1 << 20)
+  free = shutil.disk_usage(workdir).free
+  if free < needed:
+    raise CheckpointError(f"not enough free disk space in {workdir}: {keep + 1} checkpoints need "
+                          f"about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free; free some "
+                          f"space or choose another --workdir")
+
+
+def _read_card(manager, workdir, step: int) -> dict:
+  try:
+    card = manager.restore(step, args=ocp.args.Composite(card=ocp.args.JsonRestore())).card
+  except Exception as e:
+    raise UnreadableCheckpoint(workdir, step, f"its card cannot be read ({_reason(e)})") from e
+  if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+    raise UnreadableCheckpoint(workdir, step, f"no {CARD_FORMAT} card (not a flaxzoo checkpoint)")
+  return card
+
+
+def _reason(error: Exception) -> str:
+  text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+  text = text.split(" See full TensorStore details")[0]  # the rest is a repr of a bound method
+  return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def newest_readable(workdir, restore, step: int | None = None, quiet: bool = False):
+  """`(step, restore(manager, step))` for the newest step that `restore` reads without error.
+
+  With `step` given, only that step is tried. Each unreadable step is reported in one line on
+  stderr (unless `quiet`) and skipped; the list of skipped steps is returned as a third value.
+  Raises CheckpointError when no step is readable; nothing is changed on disk.
+  """
   steps = saved_steps(workdir)
   if not steps:
     raise CheckpointError(no_checkpoint_message(workdir))
-  step = max(steps) if step is None else step
-  if step not in steps:
+  if step is not None and step not in steps:
     raise CheckpointError(f"{workdir} has no checkpoint for step {step}; it has steps "
                           f"{', '.join(map(str, steps))}")
+  candidates = [step] if step is not None else sorted(steps, reverse=True)
+  skipped = []
   with open_manager(workdir, read_only=True) as manager:
-    card = manager.restore(step, args=ocp.args.Composite(card=ocp.args.JsonRestore())).card
-  if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
-    raise CheckpointError(f"{workdir}/{step} is not a flaxzoo checkpoint (no {CARD_FORMAT} card)")
-  return card
+    for candidate in candidates:
+      try:
+        with _quiet_failed_reads():
+          return candidate, restore(manager, candidate), skipped
+      except UnreadableCheckpoint as e:
+        skipped.append(e)
+        if not quiet and step is None:
+          print(f"flaxzoo: warning: {e}; trying the one before it", file=sys.stderr)
+  if step is not None:
+    raise skipped[0]
+  reasons = "; ".join(f"step {e.step}: {e.reason}" for e in skipped)
+  raise CheckpointError(f"no readable checkpoint in {workdir} ({reasons}); nothing was changed. "
+                        f"Delete the workdir to start over, or pass another --workdir")
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+  """After a failed tensorstore read, orbax's other read tasks end with errors nobody retrieves:
+  asyncio logs each one (kilobytes of spec) when collected, and tensorstore threads that finish
+  late find orbax's event loop closed. Our one line says it all, so both are kept quiet."""
+  log = logging.getLogger("asyncio")
+  level = log.level
+  log.setLevel(logging.CRITICAL)
+  try:
+    yield
+  except UnreadableCheckpoint:
+    ignore_closed_loop_callbacks()
+    gc.collect()  # collect the tasks now, while asyncio is quiet
+    raise
+  finally:
+    log.setLevel(level)
+
+
+def ignore_closed_loop_callbacks() -> None:
+  """Tensorstore threads that finish after orbax closed its event loop raise 'Event loop is
+  closed' where nobody can catch it; Python prints each as a traceback. They mean nothing here."""
+  previous = sys.unraisablehook
+  if getattr(previous, "flaxzoo", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  hook.flaxzoo = True
+  sys.unraisablehook = hook
+
+
+def read_card(workdir, step: int | None = None, quiet: bool = True) -> dict:
+  """The model card of `step` (default: the newest readable checkpoint) in `workdir`."""
+  return newest_readable(workdir, lambda m, s: _read_card(m, workdir, s), step, quiet)[1]
+
+
+def set_aside(workdir, skipped: list[UnreadableCheckpoint]) -> None:
+  """Moves unreadable steps into WORKDIR/unreadable/ so training can save those steps again."""
+  for error in skipped:
+    target = Path(workdir) / UNREADABLE_DIR / str(error.step)
+    if target.exists():
+      target = target.with_name(f"{error.step}-{datetime.datetime.now():%Y%m%dT%H%M%S%f}")
+    target.parent.mkdir(exist_ok=True)
+    (Path(workdir) / str(error.step)).rename(target)
+    print(f"flaxzoo: moved the unreadable checkpoint of step {error.step} to {target}",
+          file=sys.stderr)
 
 
 def no_checkpoint_message(workdir) -> str:
@@ -89,11 +298,23 @@ def _restore_target(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
-def restore_state(manager: ocp.CheckpointManager, step: int, target: TrainState) -> TrainState:
-  """The full train state of `step`, shaped like `target` (a real or `jax.eval_shape` state)."""
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(_restore_target(target))))
-  return restored.state
+def restore_latest(workdir, target: TrainState):
+  """`(state, card, skipped)`: the newest checkpoint in `workdir` that reads back exactly.
+
+  `target` gives the structure, shapes and dtypes (a real or `jax.eval_shape` state).
+  """
+  def restore(manager, step):
+    card = _read_card(manager, workdir, step)
+    try:
+      state = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_restore_target(target)))).state
+    except Exception as e:
+      raise UnreadableCheckpoint(workdir, step, f"its state cannot be read ({_reason(e)})") from e
+    _verify(workdir, step, card, {part: getattr(state, part) for part in STATE_PARTS})
+    return state, card
+
+  _, (state, card), skipped = newest_readable(workdir, restore)
+  return state, card, skipped
 
 
 def model_from_card(card: dict):
@@ -107,13 +328,19 @@ def load_checkpoint(workdir, step: int | None = None):
   Only the model's variables (params, and batch_stats where the model has them) are read, so this
   works whatever optimizer trained the model.
   """
-  card = read_card(workdir, step)
-  model = model_from_card(card)
-  shape = (1, *card["input_shape"])
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros(shape)))
-  target = _restore_target(dict(abstract))
-  with open_manager(workdir, read_only=True) as manager:
-    restored = manager.restore(card["step"], args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-  return model, restored.state, card
+  def restore(manager, step):
+    card = _read_card(manager, workdir, step)
+    model = model_from_card(card)
+    shape = (1, *card["input_shape"])
+    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros(shape)))
+    target = _restore_target(dict(abstract))
+    try:
+      variables = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True))).state
+    except Exception as e:
+      raise UnreadableCheckpoint(workdir, step, f"its state cannot be read ({_reason(e)})") from e
+    _verify(workdir, step, card, variables)
+    return model, variables, card
+
+  return newest_readable(workdir, restore, step)[1]

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -75,9 +76,8 @@ def cmd_eval(args) -> int:
   name = card["dataset"]["name"]
   data_dir = args.data_dir or saved.get("data_dir")
   data.prepare(name, data_dir, args.manual_dir or saved.get("manual_dir"))
-  images, labels = data.load_split(name, args.split, data_dir)
-  if args.split == "test" and saved.get("test_examples"):
-    images, labels = images[:saved["test_examples"]], labels[:saved["test_examples"]]
+  limit = saved.get("test_examples") if args.split == "test" else None
+  images, labels = data.load_split(name, args.split, data_dir, limit)
   result = evaluate(model, variables, images, labels, saved.get("eval_batch_size", 1000))
   result.update(step=card["step"], split=args.split, dataset=name, model=card["model"]["name"],
                 workdir=str(args.workdir))
@@ -127,15 +127,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  import absl.logging  # orbax logs routine notices as warnings
-  absl.logging.set_verbosity(absl.logging.ERROR)
+  import absl.logging
+  from training import checkpoint
+  if not os.environ.get("FLAXZOO_DEBUG"):
+    # orbax logs routine notices as warnings, and a failure it raises as an error log with a
+    # traceback from each of its threads; the one line below says what went wrong and what to do.
+    absl.logging.set_verbosity(absl.logging.FATAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its tasks' errors, once more
+    checkpoint.ignore_closed_loop_callbacks()
   from data import DataError
   from models import UnknownModelError
   from training.checkpoint import CheckpointError
   from training.config import ConfigError
+  from training.train import TrainingDiverged, TrainingInterrupted
   try:
     return args.func(args)
-  except (DataError, ConfigError, CheckpointError, UnknownModelError) as e:
+  except (DataError, ConfigError, CheckpointError, UnknownModelError, TrainingDiverged) as e:
     return _print_error(str(e))
+  except TrainingInterrupted as e:
+    print(f"flaxzoo: {e}", file=sys.stderr)
+    return e.exit_status
   except KeyboardInterrupt:
     return _print_error("interrupted") or 130

@@ -88,6 +88,8 @@ def validate(config: Config) -> None:
       ("keep_checkpoints", config.keep_checkpoints >= 1, "at least 1"),
       ("log_every_steps", config.log_every_steps >= 1, "at least 1"),
   ]
+  if "num_classes" in config.model_kwargs:
+    raise ConfigError("model_kwargs must not set num_classes: it comes from the dataset's labels")
   for key, ok, requirement in rules:
     if not ok:
       flag = "--" + key.replace("_", "-")

@@ -1,12 +1,17 @@
 """`train_and_evaluate`: the training loop, read top to bottom.
 
-Resuming: the step in the checkpoint fixes the epoch and the batch within it (batch order is a
-pure function of seed and epoch), so a resumed run continues exactly where the saved one was.
+Resuming: the checkpoint holds the whole state (params, optimizer state, step, RNG key) and the
+step fixes the epoch and the batch within it (batch order is a pure function of seed and epoch),
+so a run killed at any moment and started again ends bit for bit where an uninterrupted one does.
+`metrics.jsonl` is cut back to the restored step, and the train metrics of steps not yet logged
+travel in the checkpoint's card, so the log too comes out record for record the same.
 """
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +25,22 @@ from training import checkpoint
 from training import config as config_lib
 from training.config import Config, ConfigError
 from training.state import TrainState, create_train_state, eval_step, train_step
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+  """SIGINT/SIGTERM stopped training after a checkpoint was written; `exit_status` is 128+signal."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_status = 128 + signum
+
+
+class TrainingDiverged(Exception):
+  """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
+
+  def __init__(self, message: str, last_saved: int | None):
+    super().__init__(message)
+    self.last_saved = last_saved
 
 
 def evaluate(model, variables, images, labels, batch_size: int) -> dict:
@@ -39,19 +60,74 @@ class MetricsLog:
     self.path = path
 
   def drop_after(self, step: int) -> None:
-    """Forgets records past `step`: written by a run that stopped before saving that far."""
+    """Forgets records past `step` (written by a run that stopped before saving that far) and a
+    line cut short by a kill."""
     if not self.path.exists():
       return
-    lines = self.path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
+    text = self.path.read_text()
+    kept = "".join(line + "\n" for line in text.splitlines()
+                   if _record_step(line) is not None and _record_step(line) <= step)
+    if kept != text:
       tmp = self.path.with_suffix(".tmp")
-      tmp.write_text("".join(kept))
+      tmp.write_text(kept)
       os.replace(tmp, self.path)
 
   def write(self, record: dict) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+
+
+def _record_step(line: str) -> int | None:
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
+class StopRequests:
+  """While active, SIGINT and SIGTERM only set `signum`; the loop stops at the end of the step.
+
+  A second signal stops at once (KeyboardInterrupt): the checkpoints already committed stay.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+def mean_metrics(values: list[dict]) -> dict:
+  """Means in float64 of per-step float32 values: the same whether they come from the device or,
+  after a resume, from the card's JSON (which holds them exactly)."""
+  return {k: float(np.mean(np.asarray([v[k] for v in values], np.float64))) for k in values[0]}
+
+
+def check_finite(values: list[dict], last_step: int, epoch: int, workdir, last_saved) -> None:
+  """Raises TrainingDiverged naming the first step of `values` whose loss is not finite."""
+  losses = np.asarray([v["loss"] for v in values], np.float64)
+  bad = np.flatnonzero(~np.isfinite(losses))
+  if bad.size:
+    first = last_step - len(values) + 1 + int(bad[0])
+    kept = (f"the last good checkpoint, {workdir}/{last_saved}, is kept: lower --learning-rate "
+            f"and run again to continue from it" if last_saved is not None else
+            "no checkpoint had been saved yet: lower --learning-rate and run again")
+    raise TrainingDiverged(f"the training loss became {losses[bad[0]]} at step {first} (epoch "
+                           f"{epoch}); training stopped and saved nothing newer; {kept}", last_saved)
 
 
 def check_resumable(card: dict, config: Config, workdir) -> None:
@@ -64,20 +140,30 @@ def check_resumable(card: dict, config: Config, workdir) -> None:
         f"--workdir, or the saved settings to continue it")
 
 
-def check_writable(workdir: Path) -> None:
+def check_writable(workdir: Path, create: bool = False) -> None:
+  """Raises unless `workdir` is (or can be made) a writable folder; creates it if `create`."""
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write-test"
-    probe.write_text("")
-    probe.unlink()
+    if create:
+      workdir.mkdir(parents=True, exist_ok=True)
+      probe = workdir / ".write-test"
+      probe.write_text("")
+      probe.unlink()
+      return
+    existing = next(p for p in (workdir, *workdir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+      raise NotADirectoryError(20, f"{existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+      raise PermissionError(13, f"no write permission on {existing}")
   except OSError as e:
-    raise ConfigError(f"cannot write to workdir {workdir} ({e.strerror}); choose another --workdir")
+    raise ConfigError(f"cannot write to workdir {workdir} ({e.strerror}); choose another --workdir") from e
 
 
 def train_and_evaluate(config: Config, workdir) -> TrainState:
   """Trains `config.model` on `config.dataset`, evaluating and checkpointing every epoch.
 
-  Continues from the latest checkpoint in `workdir` if there is one. Returns the final state.
+  Continues from the newest readable checkpoint in `workdir` if there is one. Returns the final
+  state. SIGINT/SIGTERM save a checkpoint and raise TrainingInterrupted; a NaN or infinite loss
+  raises TrainingDiverged without saving.
   """
   workdir = Path(workdir)
   config_lib.validate(config)
@@ -85,19 +171,24 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
     models.create_model(config.model, **config.model_kwargs)
   except (TypeError, models.UnknownModelError) as e:
     raise ConfigError(str(e)) from e
+  check_writable(workdir)
   resume_card = checkpoint.read_card(workdir) if checkpoint.saved_steps(workdir) else None
   if resume_card:
     check_resumable(resume_card, config, workdir)
+    num_train = resume_card["dataset"]["num_examples"]["train"]
+    if config.train_examples:
+      num_train = min(num_train, config.train_examples)
+    if resume_card["step"] >= config.epochs * data.steps_per_epoch(num_train, config.batch_size):
+      finished = restore_finished(resume_card, config, workdir)
+      if finished is not None:
+        return finished
 
   # Data: prepared once per data dir, each split read into memory once.
-  dataset = data.load_dataset(config.dataset, config.data_dir, config.manual_dir)
+  dataset = data.load_dataset(config.dataset, config.data_dir, config.manual_dir, limits={
+      "train": config.train_examples, "test": config.test_examples})
   info = dataset.info
   train_images, train_labels = dataset.splits["train"]
   test_images, test_labels = dataset.splits["test"]
-  if config.train_examples:
-    train_images, train_labels = train_images[:config.train_examples], train_labels[:config.train_examples]
-  if config.test_examples:
-    test_images, test_labels = test_images[:config.test_examples], test_labels[:config.test_examples]
   steps_per_epoch = data.steps_per_epoch(len(train_images), config.batch_size)
   if steps_per_epoch == 0:
     raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(train_images)} "
@@ -106,57 +197,115 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   model = models.create_model(config.model, num_classes=info.num_classes, **config.model_kwargs)
   state = create_train_state(model, config, info.image_shape, total_steps)
 
-  if not resume_card:
-    check_writable(workdir)
-  manager = checkpoint.open_manager(workdir, keep=config.keep_checkpoints)
-  metrics_log = MetricsLog(workdir / "metrics.jsonl")
-  latest_metrics = {}
+  latest_metrics, pending = {}, []
+  last_saved = None
   if resume_card:
-    step = resume_card["step"]
-    state = checkpoint.restore_state(manager, step, state)
-    metrics_log.drop_after(step)
-    latest_metrics = resume_card["metrics"]
-    print(f"Resuming {workdir} from step {step} (epoch {step / steps_per_epoch:.2f} of "
-          f"{config.epochs}).", file=sys.stderr)
-  step = int(state.step)
-  if step >= total_steps:
-    manager.close()
-    test = latest_metrics.get("test", {})
-    summary = f", test accuracy {test['accuracy']:.2%}" if "accuracy" in test else ""
-    print(f"{workdir} is already trained: {config.epochs} epochs, step {step}{summary}. "
-          f"Nothing to do; pass a larger --epochs to train longer.")
-    return state
+    state, card, skipped = checkpoint.restore_latest(workdir, state)
+    checkpoint.set_aside(workdir, skipped)  # so that training can write those steps again
+    last_saved = card["step"]
+    latest_metrics = card["metrics"]
+    pending = card.get("pending_train_metrics", [])
+    print(f"Resuming {workdir} from step {last_saved} (epoch {last_saved / steps_per_epoch:.2f} "
+          f"of {config.epochs}).", file=sys.stderr)
+  check_writable(workdir, create=True)
+  checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
+  metrics_log = MetricsLog(workdir / "metrics.jsonl")
+  metrics_log.drop_after(last_saved or 0)
+  manager = checkpoint.open_manager(workdir)
+  try:
+    with StopRequests() as stop:
+      state = train_epochs(config, workdir, model, info, state, steps_per_epoch, manager,
+                           metrics_log, latest_metrics, pending, last_saved, stop,
+                           (train_images, train_labels), (test_images, test_labels))
+    checkpoint.wait(manager, config.keep_checkpoints)
+  except TrainingDiverged as e:
+    _close_quietly(manager)  # the save in flight holds a good state: let it commit
+    metrics_log.drop_after(e.last_saved or 0)
+    raise
+  except BaseException:
+    _close_quietly(manager)
+    raise
+  manager.close()
+  print(f"Done: {config.model} on {config.dataset}, test accuracy "
+        f"{latest_metrics['test']['accuracy']:.2%}; checkpoint {workdir}/{int(state.step)}")
+  return state
 
-  def save_checkpoint(state, step):
+
+def _close_quietly(manager) -> None:
+  """Lets a save in flight commit (or fail) while another error is on its way up."""
+  try:
+    manager.close()
+  except Exception:
+    pass
+
+
+def restore_finished(card: dict, config: Config, workdir) -> TrainState | None:
+  """The finished run's final state, restored without loading any data (None if that state turns
+  out unreadable and an older checkpoint is all there is: training then continues from it)."""
+  model = checkpoint.model_from_card(card)
+  state = create_train_state(model, config, card["input_shape"], total_steps=card["step"])
+  state, restored_card, _ = checkpoint.restore_latest(workdir, state)
+  if restored_card["step"] != card["step"]:
+    return None
+  test = card["metrics"].get("test", {})
+  summary = f", test accuracy {test['accuracy']:.2%}" if "accuracy" in test else ""
+  print(f"{workdir} is already trained: {config.epochs} epochs, step {card['step']}{summary}. "
+        f"Nothing to do; pass a larger --epochs to train longer.")
+  return state
+
+
+def train_epochs(config, workdir, model, info, state, steps_per_epoch, manager, metrics_log,
+                 latest_metrics, pending, last_saved, stop, train_split, test_split) -> TrainState:
+  """The loop: epochs of jitted steps, a train record every `log_every_steps`, a test record and a
+  checkpoint at every epoch end (and every `checkpoint_every_steps`)."""
+  step = int(state.step)
+  window = list(pending)  # per-step train metrics not yet written to metrics.jsonl
+  epoch_metrics = []
+
+  def save_checkpoint():
+    nonlocal last_saved
+    values = jax.device_get(window)
+    check_finite(values, step, epoch + 1, workdir, last_saved)
     card = checkpoint.make_card(model, config, info, step, step / steps_per_epoch, latest_metrics)
-    checkpoint.save(manager, state, card)
+    card["pending_train_metrics"] = [{k: float(v) for k, v in m.items()} for m in values]
+    checkpoint.save(manager, state, card, config.keep_checkpoints)
+    last_saved = step
+
+  def flush_train_window():
+    nonlocal window, window_start
+    values = jax.device_get(window)
+    check_finite(values, step, epoch + 1, workdir, last_saved)
+    now = time.perf_counter()
+    record = {"step": step, "epoch": epoch + 1, "split": "train", **mean_metrics(values),
+              "num_steps": len(values),
+              "img_per_s": round(len(values) * config.batch_size / (now - window_start), 1)}
+    metrics_log.write(record)
+    latest_metrics["train"] = record
+    epoch_metrics.extend(values)
+    window, window_start = [], now
+
+  def stop_if_requested():
+    if stop.signum is None:
+      return
+    if last_saved != step:
+      save_checkpoint()
+    checkpoint.wait(manager, config.keep_checkpoints)
+    name = signal.Signals(stop.signum).name
+    raise TrainingInterrupted(f"{name}: stopped at step {step} (epoch {step / steps_per_epoch:.2f} "
+                              f"of {config.epochs}); checkpoint {workdir}/{step} saved. Resume "
+                              f"with: flaxzoo train --workdir {workdir}", stop.signum)
 
   first_epoch = step // steps_per_epoch
   for epoch in range(first_epoch, config.epochs):
     start_batch = step - epoch * steps_per_epoch
-    window, epoch_metrics = [], []
-    epoch_start = time.perf_counter()
-    window_start = epoch_start
+    epoch_metrics = []
+    epoch_start = window_start = time.perf_counter()
     bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
                unit="step", leave=False, file=sys.stderr,
                disable=not sys.stderr.isatty())  # tqdm's own disable=None misdetects ttys
-
-    def flush_train_window():
-      nonlocal window, window_start
-      values = jax.device_get(window)
-      now = time.perf_counter()
-      record = {"step": step, "epoch": epoch + 1, "split": "train",
-                "loss": float(np.mean([v["loss"] for v in values])),
-                "accuracy": float(np.mean([v["accuracy"] for v in values])),
-                "num_steps": len(values),
-                "img_per_s": round(len(values) * config.batch_size / (now - window_start), 1)}
-      metrics_log.write(record)
-      latest_metrics["train"] = record
-      epoch_metrics.extend(values)
-      window, window_start = [], now
-
-    for images, labels in data.train_batches(train_images, train_labels, config.batch_size,
-                                             config.seed, epoch, start=start_batch):
+    stop_if_requested()
+    for images, labels in data.train_batches(*train_split, config.batch_size, config.seed, epoch,
+                                             start=start_batch):
       state, step_metrics = train_step(state, images, labels)
       step += 1
       window.append(step_metrics)
@@ -171,24 +320,22 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
       if step % config.log_every_steps == 0 or at_checkpoint or at_epoch_end:
         flush_train_window()
       if at_checkpoint and not at_epoch_end:
-        save_checkpoint(state, step)
+        save_checkpoint()
+      if not at_epoch_end:
+        stop_if_requested()
     bar.close()
     train_seconds = time.perf_counter() - epoch_start
 
-    test = evaluate(model, state.variables(), test_images, test_labels, config.eval_batch_size)
+    test = evaluate(model, state.variables(), *test_split, config.eval_batch_size)
     test_record = {"step": step, "epoch": epoch + 1, "split": "test", **test}
     metrics_log.write(test_record)
     latest_metrics["test"] = test_record
-    save_checkpoint(state, step)
+    save_checkpoint()
     trained = (steps_per_epoch - start_batch) * config.batch_size
+    summary = mean_metrics(epoch_metrics) if epoch_metrics else {"loss": np.nan, "accuracy": np.nan}
     print(f"epoch {epoch + 1}/{config.epochs}  step {step}  "
-          f"train loss {np.mean([m['loss'] for m in epoch_metrics]):.4f} "
-          f"acc {np.mean([m['accuracy'] for m in epoch_metrics]):.2%}  "
+          f"train loss {summary['loss']:.4f} acc {summary['accuracy']:.2%}  "
           f"test loss {test['loss']:.4f} acc {test['accuracy']:.2%}  "
           f"{trained / train_seconds:.0f} img/s  {train_seconds:.1f} s", flush=True)
-
-  manager.wait_until_finished()
-  manager.close()
-  print(f"Done: {config.model} on {config.dataset}, test accuracy "
-        f"{latest_metrics['test']['accuracy']:.2%}; checkpoint {workdir}/{step}")
+    stop_if_requested()
   return state

@@ -1,0 +1,84 @@
+"""One `flaxzoo train` attempt for the fault tests, in its own process, optionally killed by a
+real signal at a chosen moment.
+
+    python tests/fault_child.py [--kill-at-step N] [--kill-before-commit N] [--kill-after-commit N]
+                                [--signal KILL|TERM|INT] [--file-size-limit BYTES] -- TRAIN_ARGS...
+
+The product code is not changed: the hooks wrap the jitted train step and orbax's commit (the
+rename of a finished temporary checkpoint folder) from outside, then run the real CLI.
+"""
+
+import argparse
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main() -> int:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--kill-at-step", type=int, help="signal itself before running this step")
+  parser.add_argument("--kill-before-commit", type=int, metavar="N",
+                      help="signal itself when the N-th save of this process has written its "
+                           "files but not yet committed them")
+  parser.add_argument("--kill-after-commit", type=int, metavar="N",
+                      help="signal itself right after the N-th save of this process committed")
+  parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "INT"])
+  parser.add_argument("--file-size-limit", type=int,
+                      help="RLIMIT_FSIZE: writes past this many bytes fail like a full disk")
+  parser.add_argument("train_args", nargs=argparse.REMAINDER)
+  args = parser.parse_args()
+  signum = getattr(signal, f"SIG{args.signal}")
+
+  def kill_self():
+    os.kill(os.getpid(), signum)
+
+  if args.file_size_limit:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, args.file_size_limit))
+
+  from training import train
+  train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+  workdir = Path(train_args[train_args.index("--workdir") + 1])
+  TMP = ".orbax-checkpoint-tmp"
+  if args.kill_at_step is not None:
+    real_step = train.train_step
+
+    def train_step(state, images, labels):
+      if int(state.step) == args.kill_at_step:
+        # Let the asynchronous save in flight commit first, so that which checkpoints exist is
+        # deterministic; a kill during a save is what --kill-before-commit is for.
+        deadline = time.monotonic() + 60
+        while any(TMP in p.name for p in workdir.iterdir()) and time.monotonic() < deadline:
+          time.sleep(0.01)
+        kill_self()
+      return real_step(state, images, labels)
+    train.train_step = train_step
+
+  if args.kill_before_commit or args.kill_after_commit:
+    from orbax.checkpoint._src.path import atomicity
+    real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+    commits = 0
+
+    async def finalize(self):
+      nonlocal commits
+      if not self._final_path.name.isdigit():
+        return await real_finalize(self)  # an item inside the step folder, not the step itself
+      commits += 1
+      if commits == args.kill_before_commit:
+        kill_self()
+      await real_finalize(self)
+      if commits == args.kill_after_commit:
+        kill_self()
+    atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
+  from training import cli
+  return cli.main(["train", *train_args])
+
+
+if __name__ == "__main__":
+  sys.exit(main())

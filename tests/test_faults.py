@@ -1,0 +1,232 @@
+"""Crash safety: runs killed at any moment resume bit for bit; damaged checkpoints are skipped,
+never deleted; signals save and say how to resume; NaN stops without saving; a failed save keeps
+what was committed. Each attempt runs in its own process (tests/fault_child.py) on a 640-image
+slice of the real MNIST files."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import models
+import training
+from conftest import ROOT, tree_snapshot
+from training import checkpoint
+from training import config as config_lib
+from training.state import create_train_state
+
+TINY = '{"widths": [4, 8], "hidden": 16}'
+STEPS = 30  # 3 epochs of 10 steps; checkpoints every 4 steps and at epoch ends (10, 20, 30)
+
+
+def train_args(workdir, data_dir, *extra):
+  return ["--workdir", workdir, "--data-dir", data_dir, "--epochs", 3, "--batch-size", 64,
+          "--learning-rate", 3e-3, "--checkpoint-every-steps", 4, "--set", f"model_kwargs={TINY}",
+          "--set", "train_examples=640", "--set", "test_examples=500",
+          "--set", "log_every_steps=3", "--set", "keep_checkpoints=2", *extra]
+
+
+def attempt(workdir, data_dir, *hooks, extra=()):
+  """One training attempt in a new process; `hooks` are fault_child.py options."""
+  command = [sys.executable, str(ROOT / "tests" / "fault_child.py"), *map(str, hooks), "--",
+             *map(str, train_args(workdir, data_dir, *extra))]
+  return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def final_state(workdir):
+  """The full train state (params, optimizer state, step, rng) of the newest checkpoint."""
+  card = checkpoint.read_card(workdir)
+  config = config_lib.from_dict(card["config"])
+  model = models.create_model(config.model, num_classes=card["num_classes"], **config.model_kwargs)
+  target = create_train_state(model, config, card["input_shape"], total_steps=card["step"])
+  return checkpoint.restore_latest(workdir, target)[0]
+
+
+def assert_bit_identical(state_a, state_b):
+  """Every saved part of two train states (params, optimizer state, step, rng...) byte for byte."""
+  a, b = ({part: getattr(s, part) for part in checkpoint.STATE_PARTS} for s in (state_a, state_b))
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b) and len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()
+
+
+def metrics(workdir):
+  """metrics.jsonl without its timing field, which legitimately differs between runs."""
+  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  return [{k: v for k, v in json.loads(line).items() if k != "img_per_s"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist_data_dir):
+  workdir = tmp_path_factory.mktemp("faults") / "uninterrupted"
+  result = attempt(workdir, mnist_data_dir)
+  assert result.returncode == 0, result.stderr
+  return workdir
+
+
+def assert_same_run(workdir, reference):
+  assert checkpoint.saved_steps(workdir) == checkpoint.saved_steps(reference) == [28, 30]
+  assert_bit_identical(final_state(workdir), final_state(reference))
+  assert metrics(workdir) == metrics(reference)
+
+
+def test_sigkill_at_any_point_resumes_bit_for_bit(tmp_path, mnist_data_dir, uninterrupted):
+  workdir = tmp_path / "killed"
+  kills = [
+      (["--kill-at-step", 6], [4]),  # mid-epoch, two steps after a checkpoint
+      (["--kill-before-commit", 1], [4]),  # step 8 written to a temporary folder, not committed
+      (["--kill-after-commit", 2], [4, 8, 10]),  # 8 and 10 committed, the old one not yet pruned
+      (["--kill-at-step", 17], [10, 12, 16]),  # the oldest goes when the next save starts
+      (["--kill-before-commit", 3], [20, 24]),  # while step 28 is being written
+  ]
+  for hooks, steps_after in kills:
+    result = attempt(workdir, mnist_data_dir, *hooks)
+    assert result.returncode == -signal.SIGKILL, (hooks, result.stderr)
+    assert checkpoint.saved_steps(workdir) == steps_after, hooks
+  leftovers = [p.name for p in workdir.iterdir() if "tmp" in p.name]
+  assert leftovers  # the killed save's temporary folder: never listed as a checkpoint
+
+  result = attempt(workdir, mnist_data_dir)
+  assert result.returncode == 0, result.stderr
+  assert "Resuming" in result.stderr and "from step 24" in result.stderr
+  assert not [p.name for p in workdir.iterdir() if "tmp" in p.name]  # cleaned up on restart
+  assert_same_run(workdir, uninterrupted)
+
+
+@pytest.mark.parametrize("name,status", [("TERM", 143), ("INT", 130)])
+def test_signal_saves_a_checkpoint_and_says_how_to_resume(tmp_path, mnist_data_dir,
+                                                          uninterrupted, name, status):
+  workdir = tmp_path / "signalled"
+  result = attempt(workdir, mnist_data_dir, "--kill-at-step", 13, "--signal", name)
+  assert result.returncode == status, result.stderr
+  assert f"SIG{name}: stopped at step 14" in result.stderr  # the step under way was finished
+  assert f"Resume with: flaxzoo train --workdir {workdir}" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert checkpoint.saved_steps(workdir) == [12, 14]
+
+  result = attempt(workdir, mnist_data_dir)
+  assert result.returncode == 0, result.stderr
+  assert "from step 14" in result.stderr
+  assert_same_run(workdir, uninterrupted)  # the pending train metrics travelled in the card
+
+
+def array_files(workdir, step):
+  """The files holding the state's array bytes (tensorstore's OCDBT data files)."""
+  return sorted(p for p in (Path(workdir) / str(step) / "state").rglob("d/*") if p.is_file())
+
+
+def damage_state_data(workdir, step):
+  """Flips one byte in the middle of every array file: same sizes, other bytes."""
+  for path in array_files(workdir, step):
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    path.write_bytes(bytes(content))
+
+
+def truncate_state_data(workdir, step):
+  for path in array_files(workdir, step):
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+def delete_card(workdir, step):
+  (Path(workdir) / str(step) / "card" / "metadata").unlink()
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory, mnist_data_dir):
+  """A finished 1-epoch run with checkpoints at steps 4, 8 and 10."""
+  workdir = tmp_path_factory.mktemp("corrupt") / "run"
+  config = small_config(mnist_data_dir, epochs=1)
+  training.train_and_evaluate(config, workdir)
+  assert checkpoint.saved_steps(workdir) == [4, 8, 10]
+  return workdir
+
+
+def small_config(data_dir, **changes):
+  values = dict(model_kwargs={"widths": [4, 8], "hidden": 16}, data_dir=data_dir, batch_size=64,
+                learning_rate=3e-3, train_examples=640, test_examples=500, checkpoint_every_steps=4,
+                log_every_steps=4)
+  return training.Config(**{**values, **changes})
+
+
+@pytest.mark.parametrize("damage", [damage_state_data, truncate_state_data, delete_card])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, one_epoch, damage,
+                                                                  capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(one_epoch, workdir)
+  damage(workdir, 10)
+  before = tree_snapshot(workdir)
+  model, variables, card = training.load_checkpoint(workdir)
+  assert card["step"] == 8
+  warnings = [l for l in capsys.readouterr().err.splitlines() if "unreadable" in l]
+  assert len(warnings) == 1 and f"{workdir}/10 is unreadable" in warnings[0]
+  assert tree_snapshot(workdir) == before  # loading changes nothing
+
+
+def test_training_continues_from_the_newest_good_checkpoint(tmp_path, mnist_data_dir):
+  config = small_config(mnist_data_dir, epochs=2, keep_checkpoints=2)
+  straight = training.train_and_evaluate(config, tmp_path / "straight")
+  workdir = tmp_path / "run"
+  shutil.copytree(tmp_path / "straight", workdir)
+  assert checkpoint.saved_steps(workdir) == [16, 20]
+  damage_state_data(workdir, 20)
+  damaged = tree_snapshot(workdir / "20")
+  state = training.train_and_evaluate(config, workdir)
+  # The unreadable step is kept, moved aside, and training redid steps 17 to 20 from step 16.
+  assert tree_snapshot(workdir / "unreadable" / "20") == damaged
+  assert checkpoint.saved_steps(workdir) == [16, 20]
+  assert_bit_identical(state, straight)
+  assert metrics(workdir) == metrics(tmp_path / "straight")
+
+
+def test_no_readable_checkpoint_is_an_error_that_changes_nothing(tmp_path, one_epoch, mnist_data_dir):
+  workdir = tmp_path / "run"
+  shutil.copytree(one_epoch, workdir)
+  for step in (4, 8, 10):
+    truncate_state_data(workdir, step)
+  before = tree_snapshot(workdir)
+  with pytest.raises(training.CheckpointError, match="no readable checkpoint in .*nothing was changed"):
+    training.load_checkpoint(workdir)
+  with pytest.raises(training.CheckpointError, match="no readable checkpoint"):
+    training.train_and_evaluate(small_config(mnist_data_dir, epochs=2), workdir)
+  assert tree_snapshot(workdir) == before
+
+
+def test_nan_loss_stops_without_saving(tmp_path, one_epoch, mnist_data_dir):
+  workdir = tmp_path / "run"
+  shutil.copytree(one_epoch, workdir)
+  checkpoints_before = {s: tree_snapshot(workdir / str(s)) for s in (4, 8, 10)}
+  metrics_before = (workdir / "metrics.jsonl").read_text()
+  with pytest.raises(training.TrainingDiverged,
+                     match=rf"loss became (nan|inf) at step 1[12] .*saved nothing newer.*"
+                           rf"last good checkpoint, {workdir}/10, is kept"):
+    training.train_and_evaluate(small_config(mnist_data_dir, epochs=2, learning_rate=1e30), workdir)
+  assert checkpoint.saved_steps(workdir) == [4, 8, 10]
+  assert {s: tree_snapshot(workdir / str(s)) for s in (4, 8, 10)} == checkpoints_before
+  assert (workdir / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_a_failed_save_keeps_the_committed_checkpoints(tmp_path, mnist_data_dir, one_epoch):
+  workdir = tmp_path / "run"
+  shutil.copytree(one_epoch, workdir)
+  before = {s: tree_snapshot(workdir / str(s)) for s in (4, 8, 10)}
+  # Files may grow to 20 kB: metrics and cards fit, the state's array data (~50 kB) do not.
+  result = subprocess.run(
+      [sys.executable, str(ROOT / "tests" / "fault_child.py"), "--file-size-limit", "20000", "--",
+       "--workdir", str(workdir), "--data-dir", mnist_data_dir, "--epochs", "2"],
+      capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert result.returncode == 2, result.stderr
+  errors = [l for l in result.stderr.splitlines() if l.startswith("flaxzoo: error:")]
+  assert len(errors) == 1 and "saving step 12" in errors[0], result.stderr
+  assert "Traceback" not in result.stderr and "File too large" in errors[0]
+  assert "the committed checkpoints (4, 8, 10) are intact" in errors[0]
+  assert {s: tree_snapshot(workdir / str(s)) for s in (4, 8, 10)} == before
+  assert training.load_checkpoint(workdir)[2]["step"] == 10
