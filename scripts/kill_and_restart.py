@@ -2,7 +2,7 @@
 run it finally completes is bit for bit the run that was never interrupted.
 
     .venv/bin/python scripts/kill_and_restart.py [--kills 20] [--seed 0] [--root DIR]
-        [--min-seconds 3] [--max-seconds 30] [-- TRAIN_ARGS...]
+        [--min-seconds 5] [--max-seconds 35] [-- TRAIN_ARGS...]
 
 Default TRAIN_ARGS: the default ConvNet on MNIST with a checkpoint every 50 steps (so each attempt
 keeps some progress). Raw data: --manual-dir in TRAIN_ARGS, or $FLAXZOO_MANUAL_DIR (default
@@ -73,8 +73,8 @@ def main() -> int:
   parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
   parser.add_argument("--root", default="checkpoints/kill-and-restart",
                       help="holds the uninterrupted/ and killed/ workdirs")
-  parser.add_argument("--min-seconds", type=float, default=3.0)
-  parser.add_argument("--max-seconds", type=float, default=30.0)
+  parser.add_argument("--min-seconds", type=float, default=5.0)
+  parser.add_argument("--max-seconds", type=float, default=35.0)
   parser.add_argument("--keep", action="store_true", help="reuse a finished uninterrupted/ run")
   parser.add_argument("train_args", nargs=argparse.REMAINDER)
   args = parser.parse_args()
