@@ -256,15 +256,19 @@ def _quiet_failed_reads():
 
 
 def ignore_closed_loop_callbacks() -> None:
-  """Tensorstore threads that finish after orbax closed its event loop raise 'Event loop is
-  closed' where nobody can catch it; Python prints each as a traceback. They mean nothing here."""
+  """After a failed read, tensorstore threads that finish late find orbax's event loop closed, and
+  orbax's abandoned read coroutines die with the same error when collected: Python would print a
+  traceback for each (hundreds of lines). Our one line has said what matters; these are dropped."""
   previous = sys.unraisablehook
   if getattr(previous, "flaxzoo", False):
     return
 
   def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"):
+    code = getattr(unraisable.object, "cr_code", None)
+    from_orbax = code is not None and "orbax" in code.co_filename
+    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    if not (from_orbax or closed_loop):
       previous(unraisable)
   hook.flaxzoo = True
   sys.unraisablehook = hook
