@@ -182,7 +182,7 @@ def _committed_steps(workdir) -> list[int]:
 
 def check_free_space(workdir, state: TrainState, keep: int) -> None:
   """Raises when the disk cannot hold `keep` + 1 checkpoints of `state` (one is being written)."""
-  needed = (keep + 1) * sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)) + (1 << 20)
+  needed = (keep + 1) * sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)  # no host copy
   free = shutil.disk_usage(workdir).free
   if free < needed:
     raise CheckpointError(f"not enough free disk space in {workdir}: {keep + 1} checkpoints need "
@@ -302,6 +302,14 @@ def _restore_target(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
+def _read_state(manager, workdir, step: int, restore_args):
+  """The `state` item of `step` read with `restore_args`; any failure is UnreadableCheckpoint."""
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=restore_args)).state
+  except Exception as e:
+    raise UnreadableCheckpoint(workdir, step, f"its state cannot be read ({_reason(e)})") from e
+
+
 def restore_latest(workdir, target: TrainState):
   """`(state, card, skipped)`: the newest checkpoint in `workdir` that reads back exactly.
 
@@ -309,11 +317,7 @@ def restore_latest(workdir, target: TrainState):
   """
   def restore(manager, step):
     card = _read_card(manager, workdir, step)
-    try:
-      state = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_restore_target(target)))).state
-    except Exception as e:
-      raise UnreadableCheckpoint(workdir, step, f"its state cannot be read ({_reason(e)})") from e
+    state = _read_state(manager, workdir, step, ocp.args.StandardRestore(_restore_target(target)))
     _verify(workdir, step, card, {part: getattr(state, part) for part in STATE_PARTS})
     return state, card
 
@@ -338,12 +342,9 @@ def load_checkpoint(workdir, step: int | None = None):
     shape = (1, *card["input_shape"])
     abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros(shape)))
     target = _restore_target(dict(abstract))
-    try:
-      variables = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True))).state
-    except Exception as e:
-      raise UnreadableCheckpoint(workdir, step, f"its state cannot be read ({_reason(e)})") from e
+    variables = _read_state(manager, workdir, step, ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
     _verify(workdir, step, card, variables)
     return model, variables, card
 
