@@ -182,12 +182,21 @@ def _decode_images(encoded: list[bytes], image_shape) -> np.ndarray:
 
 def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
   builder = _builder(name, data_dir or default_data_dir())
-  label = builder.info.features["label"]
+  features = builder.info.features
+  image = features["image"] if "image" in features else None
+  label = features["label"] if "label" in features else None
+  tfds = _tfds()
+  if not (isinstance(image, tfds.features.Image) and isinstance(label, tfds.features.ClassLabel)):
+    raise DataError(f"{name} is not an image classification dataset: flaxzoo needs an 'image' and "
+                    f"a class 'label' feature, it has {', '.join(features.keys())}")
+  if None in image.shape:
+    raise DataError(f"{name} has images of varying size {image.shape}; export it as an image "
+                    f"folder and use --dataset folder:PATH, which converts every image to one size")
   return DatasetInfo(
       name=name,
       num_classes=label.num_classes,
       class_names=tuple(label.names),
-      image_shape=tuple(builder.info.features["image"].shape),
+      image_shape=tuple(image.shape),
       num_examples={split: info.num_examples for split, info in builder.info.splits.items()})
 
 
@@ -216,9 +225,18 @@ def _load_split_cached(name: str, split: str, data_dir: str, limit: int | None):
 
 
 def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None = None,
-                 splits=("train", "test"), limits: dict | None = None) -> Dataset:
-  """Prepares `name` if needed (see `prepare`) and loads `splits` into memory; `limits` maps a
-  split to the number of its first examples to load (absent or 0: all)."""
+                 splits=("train", "test"), limits: dict | None = None, image_shape=None,
+                 test_fraction: float = 0.2) -> Dataset:
+  """`name`'s `splits` in memory: a tfds dataset (prepared first if needed, see `prepare`) or an
+  image folder, `folder:PATH` (see `data.folders`).
+
+  `limits` maps a split to the number of its first examples to load (absent or 0: all).
+  `image_shape` (H, W, C): convert the images to it (a fine-tuned model's input); the conversion
+  is stated once on stderr. `test_fraction`: what an image folder without test/ holds out.
+  """
+  from data import folders
+  if folders.is_folder_dataset(name):
+    return folders.load_folder_dataset(name, image_shape, test_fraction, splits, limits)
   data_dir = data_dir or default_data_dir()
   prepare(name, data_dir, manual_dir)
   info = dataset_info(name, data_dir)
@@ -226,5 +244,10 @@ def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None 
     if split not in info.num_examples:
       raise DataError(f"{name} has no split {split!r}; it has {', '.join(info.num_examples)}")
   limits = limits or {}
-  return Dataset(info, {split: load_split(name, split, data_dir, limits.get(split))
-                        for split in splits})
+  arrays = {split: load_split(name, split, data_dir, limits.get(split)) for split in splits}
+  if image_shape and tuple(image_shape) != info.image_shape:
+    from data import images as image_lib
+    print(image_lib.conversion_note(name, [info.image_shape], image_shape), file=sys.stderr)
+    arrays = {split: (image_lib.convert_images(x, image_shape), y) for split, (x, y) in arrays.items()}
+    info = dataclasses.replace(info, image_shape=tuple(image_shape))
+  return Dataset(info, arrays)
