@@ -5,6 +5,7 @@ The state holds everything a run needs to continue: params, optimizer state, ste
 `fold_in(rng, s)`, so dropout or augmentation noise depends only on what the checkpoint holds.
 """
 
+import fnmatch
 import functools
 from typing import Any
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from training.config import Config
+from training.config import Config, ConfigError
 
 
 class TrainState(train_state.TrainState):
@@ -36,11 +37,60 @@ def to_model_input(images: jnp.ndarray) -> jnp.ndarray:
   return images.astype(jnp.float32)
 
 
+def param_path(keypath) -> str:
+  """'Conv_0/kernel' for a parameter's key path (the names used in reports and --freeze)."""
+  return "/".join(str(getattr(k, "key", k)) for k in keypath)
+
+
+def param_groups(params, freeze: str):
+  """A tree like `params` labelling each leaf 'head', 'backbone' or 'frozen'.
+
+  The head is the classifier every zoo model names `head`. `freeze`: 'none'; 'backbone' (all but
+  the head); or comma-separated shell wildcards over parameter paths, where naming a module
+  (`Conv_0`) freezes all its parameters.
+  """
+  paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  has_head = any(p.startswith("head/") for p in paths)
+  if freeze == "none":
+    frozen = set()
+  elif freeze == "backbone":
+    if not has_head:
+      raise ConfigError("--freeze backbone needs a classifier module named 'head'; this model has "
+                        "none: freeze parameter paths instead, e.g. --freeze 'Conv_*'")
+    frozen = {p for p in paths if not p.startswith("head/")}
+  else:
+    frozen = set()
+    for pattern in (p.strip() for p in freeze.split(",") if p.strip()):
+      matched = {p for p in paths if fnmatch.fnmatchcase(p, pattern)
+                 or fnmatch.fnmatchcase(p, pattern.rstrip("/") + "/*")}
+      if not matched:
+        modules = sorted({p.rsplit("/", 1)[0] for p in paths})
+        raise ConfigError(f"--freeze pattern {pattern!r} matches no parameter; parameter paths "
+                          f"are MODULE/NAME with modules {', '.join(modules)}")
+      frozen |= matched
+  if frozen and len(frozen) == len(paths):
+    raise ConfigError(f"--freeze {freeze!r} freezes every parameter, so nothing would train; "
+                      f"leave the head (or more) trainable")
+  labels = ["frozen" if p in frozen else "head" if p.startswith("head/") else "backbone"
+            for p in paths]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
+
+
 def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
-  schedule = optax.cosine_onecycle_schedule(
-      transition_steps=max(total_steps, 1), peak_value=config.learning_rate,
-      pct_start=config.warmup_fraction)
-  return optax.adamw(schedule, weight_decay=config.weight_decay)
+  """AdamW on a one-cycle schedule. With frozen parameters or a head learning rate, parameter
+  groups: frozen ones get zero updates (so they stay bitwise unchanged), the head its own peak."""
+  def adamw(peak):
+    schedule = optax.cosine_onecycle_schedule(
+        transition_steps=max(total_steps, 1), peak_value=peak, pct_start=config.warmup_fraction)
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+  if config.freeze == "none" and config.head_learning_rate is None:
+    return adamw(config.learning_rate)
+  head_peak = config.head_learning_rate or config.learning_rate
+  return optax.multi_transform(
+      {"backbone": adamw(config.learning_rate), "head": adamw(head_peak),
+       "frozen": optax.set_to_zero()},
+      functools.partial(param_groups, freeze=config.freeze))
 
 
 def create_train_state(model: nn.Module, config: Config, input_shape, total_steps: int) -> TrainState:
@@ -79,11 +129,17 @@ def train_step(state: TrainState, images, labels):
 
 @functools.partial(jax.jit, static_argnums=0)
 def eval_step(model: nn.Module, variables, images, labels, mask):
-  """Sums over one (padded) batch: loss, correct predictions and real examples."""
+  """Sums over one (padded) batch: loss, correct predictions, real examples, and the confusion
+  matrix (rows: true class, columns: predicted class)."""
   logits = model.apply(variables, to_model_input(images), train=False)
+  predictions = jnp.argmax(logits, -1)
+  num_classes = logits.shape[-1]
+  confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, predictions].add(
+      mask.astype(jnp.int32))
   return {"loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
-          "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
-          "count": jnp.sum(mask)}
+          "correct": jnp.sum((predictions == labels) * mask),
+          "count": jnp.sum(mask),
+          "confusion": confusion}
 
 
 @functools.partial(jax.jit, static_argnums=0)
