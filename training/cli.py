@@ -1,4 +1,5 @@
-"""The `flaxzoo` command line: `models`, `train`, `eval`. Each does what the Python API does."""
+"""The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`. Each does what
+the Python API does."""
 
 import argparse
 import json
@@ -35,12 +36,11 @@ def cmd_models(args) -> int:
 
 
 def _train_overrides(args) -> dict:
+  """Config overrides from the flags given (and --set KEY=VALUE), for train and finetune."""
   from training.config import ConfigError
-  flags = {"model": args.model, "dataset": args.dataset, "epochs": args.epochs,
-           "batch_size": args.batch_size, "learning_rate": args.learning_rate, "seed": args.seed,
-           "manual_dir": args.manual_dir, "data_dir": args.data_dir,
-           "checkpoint_every_steps": args.checkpoint_every_steps}
-  overrides = {k: v for k, v in flags.items() if v is not None}
+  names = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
+           "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate")
+  overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
   for item in args.set or []:
     key, sep, text = item.partition("=")
     if not sep:
@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
   from training import checkpoint
   overrides = _train_overrides(args)
   config = config_lib.override(config_lib.Config(), overrides)
-  workdir = args.workdir or os.path.join("checkpoints", f"{config.dataset}-{config.model}")
+  workdir = args.workdir or config_lib.default_workdir(config)
   if checkpoint.saved_steps(workdir):
     # Continue the saved run: its config is the base, the flags given now change it.
     saved = config_lib.from_dict(checkpoint.read_card(workdir)["config"])
@@ -67,22 +67,42 @@ def cmd_train(args) -> int:
   return 0
 
 
+def cmd_finetune(args) -> int:
+  from training.finetuning import finetune
+  overrides = _train_overrides(args)
+  dataset = overrides.pop("dataset")
+  finetune(args.source, dataset, args.workdir, step=args.step, **overrides)
+  return 0
+
+
+def cmd_predict(args) -> int:
+  from training.inference import predict_files
+  if args.top_k < 1:
+    return _print_error(f"--top-k must be at least 1, got {args.top_k}")
+  predictions, errors, card = predict_files(args.workdir, args.images, args.top_k, args.step)
+  for error in errors:
+    print(f"flaxzoo: error: {error['error']}", file=sys.stderr)
+  if args.json:
+    print(json.dumps({"workdir": str(args.workdir), "step": card["step"],
+                      "predictions": predictions, "errors": errors}))
+  else:
+    for prediction in predictions:
+      ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in prediction["top_k"])
+      print(f"{prediction['file']}: {ranked}")
+  return 2 if errors else 0
+
+
 def cmd_eval(args) -> int:
-  import data
-  from training import checkpoint
-  from training.train import evaluate
-  model, variables, card = checkpoint.load_checkpoint(args.workdir, args.step)
-  saved = card["config"]
-  name = card["dataset"]["name"]
-  data_dir = args.data_dir or saved.get("data_dir")
-  data.prepare(name, data_dir, args.manual_dir or saved.get("manual_dir"))
-  limit = saved.get("test_examples") if args.split == "test" else None
-  images, labels = data.load_split(name, args.split, data_dir, limit)
-  result = evaluate(model, variables, images, labels, saved.get("eval_batch_size", 1000))
-  result.update(step=card["step"], split=args.split, dataset=name, model=card["model"]["name"],
-                workdir=str(args.workdir))
-  print(f"{args.workdir} step {card['step']}: {name} {args.split} accuracy "
-        f"{result['accuracy']:.2%}, loss {result['loss']:.4f} on {result['num_examples']} examples")
+  from training.inference import evaluate_checkpoint
+  result = evaluate_checkpoint(args.workdir, args.split, args.step, args.data_dir, args.manual_dir)
+  print(f"{args.workdir} step {result['step']}: {result['dataset']} {args.split} accuracy "
+        f"{result['accuracy']:.2%}, macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f} "
+        f"on {result['num_examples']} examples")
+  per_class = ", ".join(f"{name} {'-' if acc is None else f'{acc:.1%}'}"
+                        for name, acc in result["per_class_accuracy"].items())
+  print(f"per-class accuracy: {per_class}")
+  if result["files"]:
+    print(f"wrote {' and '.join(result['files'])}")
   if args.json:
     print(json.dumps(result))
   return 0
@@ -113,6 +133,35 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--set", action="append", metavar="KEY=VALUE",
                  help="override any config field, e.g. --set model_kwargs='{\"widths\": [8, 16]}'")
   p.set_defaults(func=cmd_train)
+
+  p = sub.add_parser("finetune", help="fine-tune a trained checkpoint on another dataset")
+  p.add_argument("--from", dest="source", required=True, metavar="SRC_WORKDIR",
+                 help="workdir of the trained model (its newest readable checkpoint)")
+  p.add_argument("--dataset", required=True,
+                 help="tfds dataset name (e.g. fashion_mnist) or folder:PATH of class subfolders")
+  p.add_argument("--workdir", help="default checkpoints/<dataset>-<model>-from-<SRC name>")
+  p.add_argument("--freeze", help="none (default), backbone (all but the head), or comma-separated "
+                 "wildcards of parameter paths, e.g. 'Conv_*'")
+  p.add_argument("--head-learning-rate", type=float, metavar="LR",
+                 help="peak learning rate of the classifier head (default: --learning-rate)")
+  p.add_argument("--epochs", type=int, help="default: the source run's")
+  p.add_argument("--learning-rate", type=float, help="peak learning rate (default: the source run's)")
+  p.add_argument("--batch-size", type=int)
+  p.add_argument("--seed", type=int)
+  p.add_argument("--step", type=int, help="source checkpoint step (default: its newest)")
+  p.add_argument("--checkpoint-every-steps", type=int, metavar="K")
+  p.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
+  p.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
+  p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field")
+  p.set_defaults(func=cmd_finetune)
+
+  p = sub.add_parser("predict", help="classify image files with a trained checkpoint")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+  p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per image (3)")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.set_defaults(func=cmd_predict)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint in a new process")
   p.add_argument("--workdir", required=True)

@@ -29,13 +29,21 @@ class Config:
   checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
   keep_checkpoints: int = 3
   log_every_steps: int = 100  # a train record in metrics.jsonl every N steps (and at epoch ends)
+  # Fine-tuning (set by `flaxzoo finetune` / `training.finetune`; see training/finetune.py).
+  init_from: str | None = None  # workdir whose checkpoint initialises the model
+  init_step: int | None = None  # that checkpoint's step, fixed when the fine-tune starts
+  freeze: str = "none"  # none | backbone | comma-separated wildcards of parameter paths
+  head_learning_rate: float | None = None  # peak learning rate of the head; None: learning_rate
+  input_shape: list | None = None  # [H, W, C] the images are converted to; None: the dataset's
+  test_fraction: float = 0.2  # image folders without test/: share of each class held out
   # Where data come from (not part of what makes two runs the same run).
   data_dir: str | None = None  # tfds data dir; None = tfds's default (honours TFDS_DATA_DIR)
   manual_dir: str | None = None  # raw files; None = $FLAXZOO_MANUAL_DIR/<dataset> or download
 
 
 # Fields that must match for a checkpoint to continue the same run.
-RUN_IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "batch_size", "seed", "train_examples")
+RUN_IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "batch_size", "seed", "train_examples",
+                       "init_from", "init_step", "freeze", "input_shape", "test_fraction")
 
 
 def _field_types() -> dict[str, type]:
@@ -87,6 +95,13 @@ def validate(config: Config) -> None:
       ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, "0 (epoch ends only) or more"),
       ("keep_checkpoints", config.keep_checkpoints >= 1, "at least 1"),
       ("log_every_steps", config.log_every_steps >= 1, "at least 1"),
+      ("head_learning_rate", config.head_learning_rate is None or config.head_learning_rate > 0,
+       "greater than 0"),
+      ("input_shape", config.input_shape is None or (
+          len(config.input_shape) == 3 and all(isinstance(n, int) and n > 0 for n in config.input_shape)
+          and config.input_shape[2] in (1, 3)), "[height, width, 1 or 3]"),
+      ("test_fraction", 0 < config.test_fraction < 1, "in (0, 1)"),
+      ("freeze", bool(config.freeze.strip()), "none, backbone or wildcards of parameter paths"),
   ]
   if "num_classes" in config.model_kwargs:
     raise ConfigError("model_kwargs must not set num_classes: it comes from the dataset's labels")
@@ -99,5 +114,25 @@ def validate(config: Config) -> None:
 
 def run_identity_changes(saved: Config, current: Config) -> list[str]:
   """'field: saved -> current' for each field that would make `current` a different run."""
-  return [f"{key}: {getattr(saved, key)!r} -> {getattr(current, key)!r}"
-          for key in RUN_IDENTITY_FIELDS if getattr(saved, key) != getattr(current, key)]
+  changes = [f"{key}: {getattr(saved, key)!r} -> {getattr(current, key)!r}"
+             for key in RUN_IDENTITY_FIELDS if getattr(saved, key) != getattr(current, key)]
+  if (saved.head_learning_rate is None) != (current.head_learning_rate is None):
+    # Its value may change like learning_rate's; setting or unsetting it changes the optimizer.
+    changes.append(f"head_learning_rate: {saved.head_learning_rate!r} -> "
+                   f"{current.head_learning_rate!r}")
+  return changes
+
+
+def dataset_slug(dataset: str) -> str:
+  """A folder-name-safe name for a dataset: `folder:/x/flowers` -> `folder-flowers`."""
+  if dataset.startswith("folder:"):
+    return "folder-" + (dataset[len("folder:"):].rstrip("/").rsplit("/", 1)[-1] or "root")
+  return dataset
+
+
+def default_workdir(config: Config) -> str:
+  """checkpoints/<dataset>-<model>, and -from-<source> for a fine-tune."""
+  name = f"{dataset_slug(config.dataset)}-{config.model}"
+  if config.init_from:
+    name += "-from-" + config.init_from.rstrip("/").rsplit("/", 1)[-1]
+  return f"checkpoints/{name}"

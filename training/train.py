@@ -7,6 +7,7 @@ so a run killed at any moment and started again ends bit for bit where an uninte
 travel in the checkpoint's card, so the log too comes out record for record the same.
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -23,6 +25,8 @@ import data
 import models
 from training import checkpoint
 from training import config as config_lib
+from training import finetuning
+from training import metrics
 from training.config import Config, ConfigError
 from training.state import TrainState, create_train_state, eval_step, train_step
 
@@ -43,14 +47,22 @@ class TrainingDiverged(Exception):
     self.last_saved = last_saved
 
 
-def evaluate(model, variables, images, labels, batch_size: int) -> dict:
-  """Loss and accuracy over every example (the last batch is padded and masked)."""
-  sums = [eval_step(model, variables, x, y, m)
-          for x, y, m in data.eval_batches(images, labels, batch_size)]
-  totals = {k: float(np.sum([s[k] for s in jax.device_get(sums)])) for k in sums[0]}
-  return {"loss": totals["loss_sum"] / totals["count"],
-          "accuracy": totals["correct"] / totals["count"],
-          "num_examples": int(totals["count"])}
+def evaluate(model, variables, images, labels, batch_size: int, class_names=None) -> dict:
+  """Loss, accuracy and macro-F1 over every example (the last batch is padded and masked); with
+  `class_names`, also per-class accuracy and the confusion matrix (see `training.metrics`)."""
+  sums = jax.device_get([eval_step(model, variables, x, y, m)
+                         for x, y, m in data.eval_batches(images, labels, batch_size)])
+  totals = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}
+  names = class_names or [str(i) for i in range(len(totals["confusion"]))]
+  report = metrics.classification_metrics(totals["confusion"], names)
+  result = {"loss": float(totals["loss_sum"] / totals["count"]),
+            "accuracy": float(totals["correct"] / totals["count"]),
+            "macro_f1": report["macro_f1"],
+            "num_examples": int(totals["count"])}
+  if class_names:
+    result.update((k, report[k]) for k in ("per_class_accuracy", "per_class", "class_names",
+                                           "confusion_matrix"))
+  return result
 
 
 class MetricsLog:
@@ -158,6 +170,26 @@ def check_writable(workdir: Path, create: bool = False) -> None:
     raise ConfigError(f"cannot write to workdir {workdir} ({e.strerror}); choose another --workdir") from e
 
 
+@dataclasses.dataclass
+class Run:
+  """What the loop needs besides the train state; fixed for the whole run."""
+  config: Config
+  workdir: Path
+  model: Any
+  info: data.DatasetInfo
+  steps_per_epoch: int
+  manager: Any  # orbax CheckpointManager
+  metrics_log: MetricsLog
+  lineage: dict | None  # where a fine-tune's weights came from (in every card it writes)
+
+  def card(self, step: int, metrics: dict) -> dict:
+    card = checkpoint.make_card(self.model, self.config, self.info, step,
+                                step / self.steps_per_epoch, metrics)
+    if self.lineage:
+      card["lineage"] = self.lineage
+    return card
+
+
 def train_and_evaluate(config: Config, workdir) -> TrainState:
   """Trains `config.model` on `config.dataset`, evaluating and checkpointing every epoch.
 
@@ -173,6 +205,8 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
     raise ConfigError(str(e)) from e
   check_writable(workdir)
   resume_card = checkpoint.read_card(workdir) if checkpoint.saved_steps(workdir) else None
+  if config.init_from and not resume_card:  # a fine-tune's source must be readable: fail early
+    checkpoint.read_card(config.init_from, config.init_step)
   if resume_card:
     check_resumable(resume_card, config, workdir)
     num_train = resume_card["dataset"]["num_examples"]["train"]
@@ -184,8 +218,10 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
         return finished
 
   # Data: prepared once per data dir, each split read into memory once.
-  dataset = data.load_dataset(config.dataset, config.data_dir, config.manual_dir, limits={
-      "train": config.train_examples, "test": config.test_examples})
+  dataset = data.load_dataset(
+      config.dataset, config.data_dir, config.manual_dir,
+      limits={"train": config.train_examples, "test": config.test_examples},
+      image_shape=config.input_shape, test_fraction=config.test_fraction)
   info = dataset.info
   train_images, train_labels = dataset.splits["train"]
   test_images, test_labels = dataset.splits["test"]
@@ -198,24 +234,32 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   state = create_train_state(model, config, info.image_shape, total_steps)
 
   latest_metrics, pending = {}, []
-  last_saved = None
+  last_saved = lineage = None
   if resume_card:
     state, card, skipped = checkpoint.restore_latest(workdir, state)
     checkpoint.set_aside(workdir, skipped)  # so that training can write those steps again
     last_saved = card["step"]
     latest_metrics = card["metrics"]
     pending = card.get("pending_train_metrics", [])
+    lineage = card.get("lineage")
     print(f"Resuming {workdir} from step {last_saved} (epoch {last_saved / steps_per_epoch:.2f} "
           f"of {config.epochs}).", file=sys.stderr)
+  elif config.init_from:
+    variables, report = finetuning.load_pretrained(config.init_from, model, step=config.init_step,
+                                                 variables=state.variables())
+    state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
+    frozen = finetuning.frozen_paths(state.params, config.freeze)
+    finetuning.print_report(report, frozen, info.name)
+    lineage = finetuning.lineage(report, frozen)
   check_writable(workdir, create=True)
   checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
   metrics_log = MetricsLog(workdir / "metrics.jsonl")
   metrics_log.drop_after(last_saved or 0)
   manager = checkpoint.open_manager(workdir)
+  run = Run(config, workdir, model, info, steps_per_epoch, manager, metrics_log, lineage)
   try:
     with StopRequests() as stop:
-      state = train_epochs(config, workdir, model, info, state, steps_per_epoch, manager,
-                           metrics_log, latest_metrics, pending, last_saved, stop,
+      state = train_epochs(run, state, latest_metrics, pending, last_saved, stop,
                            (train_images, train_labels), (test_images, test_labels))
     checkpoint.wait(manager, config.keep_checkpoints)
   except TrainingDiverged as e:
@@ -254,10 +298,11 @@ def restore_finished(card: dict, config: Config, workdir) -> TrainState | None:
   return state
 
 
-def train_epochs(config, workdir, model, info, state, steps_per_epoch, manager, metrics_log,
-                 latest_metrics, pending, last_saved, stop, train_split, test_split) -> TrainState:
+def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, train_split,
+                 test_split) -> TrainState:
   """The loop: epochs of jitted steps, a train record every `log_every_steps`, a test record and a
   checkpoint at every epoch end (and every `checkpoint_every_steps`)."""
+  config, workdir, manager, steps_per_epoch = run.config, run.workdir, run.manager, run.steps_per_epoch
   step = int(state.step)
   window = list(pending)  # per-step train metrics not yet written to metrics.jsonl
   epoch_metrics = []
@@ -266,7 +311,7 @@ def train_epochs(config, workdir, model, info, state, steps_per_epoch, manager, 
     nonlocal last_saved
     values = jax.device_get(window)
     check_finite(values, step, epoch + 1, workdir, last_saved)
-    card = checkpoint.make_card(model, config, info, step, step / steps_per_epoch, latest_metrics)
+    card = run.card(step, latest_metrics)
     card["pending_train_metrics"] = [{k: float(v) for k, v in m.items()} for m in values]
     checkpoint.save(manager, state, card, config.keep_checkpoints)
     last_saved = step
@@ -279,7 +324,7 @@ def train_epochs(config, workdir, model, info, state, steps_per_epoch, manager, 
     record = {"step": step, "epoch": epoch + 1, "split": "train", **mean_metrics(values),
               "num_steps": len(values),
               "img_per_s": round(len(values) * config.batch_size / (now - window_start), 1)}
-    metrics_log.write(record)
+    run.metrics_log.write(record)
     latest_metrics["train"] = record
     epoch_metrics.extend(values)
     window, window_start = [], now
@@ -326,9 +371,9 @@ def train_epochs(config, workdir, model, info, state, steps_per_epoch, manager, 
     bar.close()
     train_seconds = time.perf_counter() - epoch_start
 
-    test = evaluate(model, state.variables(), *test_split, config.eval_batch_size)
+    test = evaluate(run.model, state.variables(), *test_split, config.eval_batch_size)
     test_record = {"step": step, "epoch": epoch + 1, "split": "test", **test}
-    metrics_log.write(test_record)
+    run.metrics_log.write(test_record)
     latest_metrics["test"] = test_record
     save_checkpoint()
     trained = (steps_per_epoch - start_batch) * config.batch_size

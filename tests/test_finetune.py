@@ -1,0 +1,218 @@
+"""Fine-tuning: head surgery, shape errors, freezing, lineage, image folders, predict, eval files.
+
+A tiny ConvNet trained on real MNIST is the source; the image folder is written in the test from
+real MNIST digits (as 32x32 RGB PNGs, so every image needs converting to the model's input)."""
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+import models
+import training
+from conftest import run_cli
+from data import folders
+from training import checkpoint
+from training.config import Config, ConfigError
+from training.finetuning import load_pretrained
+from training.state import create_train_state, param_groups
+
+TINY = {"widths": [4, 8], "hidden": 16}
+DIGIT_NAMES = ["zero", "one", "two", "three", "four"]
+
+
+def bits_equal(a, b) -> bool:
+  a, b = np.asarray(a), np.asarray(b)
+  return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, mnist_data_dir) -> Path:
+  """A tiny ConvNet trained for one short epoch on real MNIST."""
+  workdir = tmp_path_factory.mktemp("source") / "mnist-tiny"
+  config = Config(model_kwargs=TINY, data_dir=mnist_data_dir, epochs=1, batch_size=64,
+                  train_examples=1280, test_examples=500, learning_rate=3e-3)
+  training.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory, mnist_data_dir) -> Path:
+  """PATH/{train,test}/<digit name>/*.png: 12 train and 4 test images of the digits 0-4."""
+  root = tmp_path_factory.mktemp("folder") / "digits"
+  images, labels = data.load_split("mnist", "test", mnist_data_dir, limit=400)
+  for digit, name in enumerate(DIGIT_NAMES):
+    picks = np.flatnonzero(labels == digit)[:16]
+    for i, index in enumerate(picks):
+      split = "train" if i < 12 else "test"
+      (root / split / name).mkdir(parents=True, exist_ok=True)
+      rgb = Image.fromarray(images[index, ..., 0]).convert("RGB").resize((32, 32))
+      rgb.save(root / split / name / f"{index}.png")
+  return root
+
+
+def test_same_classes_load_every_array(source):
+  model = models.create_model("convnet", num_classes=10, **TINY)
+  variables, report = load_pretrained(source, model)
+  _, saved, _ = checkpoint.load_checkpoint(source)
+  assert report.reinitialized == []
+  assert sorted(report.loaded) == report.loaded and "head/kernel" in report.loaded
+  assert jax.tree.all(jax.tree.map(bits_equal, variables, saved))
+
+
+def test_head_is_reinitialised_when_the_class_count_changes(source):
+  model = models.create_model("convnet", num_classes=5, **TINY)
+  variables, report = load_pretrained(source, model, seed=1)
+  _, saved, _ = checkpoint.load_checkpoint(source)
+  assert report.reinitialized == ["head/bias", "head/kernel"]
+  assert report.loaded == ["Conv_0/bias", "Conv_0/kernel", "Conv_1/bias", "Conv_1/kernel",
+                           "Dense_0/bias", "Dense_0/kernel"]
+  assert "10 classes" in report.reinitialized_why and "5" in report.reinitialized_why
+  params = variables["params"]
+  assert params["head"]["kernel"].shape == (16, 5)
+  for module in ("Conv_0", "Conv_1", "Dense_0"):
+    assert jax.tree.all(jax.tree.map(bits_equal, params[module], saved["params"][module]))
+
+
+def test_any_other_shape_mismatch_lists_each_path_with_both_shapes(source):
+  model = models.create_model("convnet", num_classes=10, widths=[4, 8], hidden=32)
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    load_pretrained(source, model)
+  message = str(error.value)
+  assert "Dense_0/kernel: checkpoint (392, 16), model (392, 32)" in message
+  assert "Dense_0/bias: checkpoint (16,), model (32,)" in message
+  assert "head/kernel: checkpoint (16, 10), model (32, 10)" in message  # same class count
+  assert "Conv_0" not in message
+
+
+def test_freeze_patterns_label_parameters_and_reject_mistakes():
+  model = models.create_model("convnet", **TINY)
+  params = create_train_state(model, Config(), (28, 28, 1), 10).params
+  labels = param_groups(params, "Conv_*, Dense_0/bias")
+  assert labels["Conv_0"]["kernel"] == labels["Conv_1"]["bias"] == "frozen"
+  assert labels["Dense_0"] == {"kernel": "backbone", "bias": "frozen"}
+  assert labels["head"] == {"kernel": "head", "bias": "head"}
+  with pytest.raises(ConfigError, match="'Conv_9' matches no parameter.*Conv_0, Conv_1, Dense_0, head"):
+    param_groups(params, "Conv_9")
+  with pytest.raises(ConfigError, match="freezes every parameter"):
+    param_groups(params, "*")
+
+
+def test_frozen_backbone_stays_bitwise_unchanged_and_lineage_is_recorded(source, digit_folder,
+                                                                         tmp_path):
+  workdir = tmp_path / "ft"
+  state = training.finetune(source, f"folder:{digit_folder}", workdir, freeze="backbone",
+                            head_learning_rate=1e-2, epochs=3, batch_size=20)
+  _, saved, source_card = checkpoint.load_checkpoint(source)
+  for module in ("Conv_0", "Conv_1", "Dense_0"):
+    assert jax.tree.all(jax.tree.map(bits_equal, state.params[module], saved["params"][module]))
+  assert int(state.step) == 9
+  card = checkpoint.read_card(workdir)
+  lineage = card["lineage"]
+  assert lineage["source_workdir"] == str(source.absolute())
+  assert lineage["source_step"] == source_card["step"]
+  assert lineage["source_dataset"] == "mnist"
+  assert lineage["reinitialized"] == ["head/bias", "head/kernel"]
+  assert lineage["frozen"] == ["Conv_0/bias", "Conv_0/kernel", "Conv_1/bias", "Conv_1/kernel",
+                               "Dense_0/bias", "Dense_0/kernel"]
+  assert card["dataset"]["class_names"] == sorted(DIGIT_NAMES)
+  assert card["input_shape"] == [28, 28, 1]  # the source model's, not the folder's 32x32 RGB
+
+
+def test_unfrozen_finetune_changes_every_layer(source, digit_folder, tmp_path):
+  state = training.finetune(source, f"folder:{digit_folder}", tmp_path / "ft", epochs=1,
+                            batch_size=20, learning_rate=1e-3)
+  _, saved, _ = checkpoint.load_checkpoint(source)
+  assert not bits_equal(state.params["Conv_0"]["kernel"], saved["params"]["Conv_0"]["kernel"])
+
+
+def test_folder_layouts_and_held_out_fraction(digit_folder, tmp_path):
+  full = folders.load_folder_dataset(f"folder:{digit_folder}")
+  assert full.info.class_names == tuple(sorted(DIGIT_NAMES))
+  assert full.info.image_shape == (32, 32, 3)  # the folder's own when nothing else is asked
+  assert full.info.num_examples == {"train": 60, "test": 20}
+  flat = folders.load_folder_dataset(f"folder:{digit_folder / 'train'}", image_shape=(28, 28, 1),
+                                     test_fraction=0.25)
+  train_labels, test_labels = flat.splits["train"][1], flat.splits["test"][1]
+  assert flat.splits["train"][0].shape[1:] == (28, 28, 1)
+  assert np.bincount(test_labels).tolist() == [3] * 5  # stratified: 25 % of 12 per class
+  assert np.bincount(train_labels).tolist() == [9] * 5
+  with pytest.raises(data.DataError, match="does not exist"):
+    folders.load_folder_dataset(f"folder:{tmp_path / 'missing'}")
+
+
+def test_a_damaged_image_in_a_folder_is_named(digit_folder, tmp_path):
+  import shutil
+  root = tmp_path / "copy"
+  shutil.copytree(digit_folder, root)
+  bad = root / "train" / "one" / "broken.png"
+  bad.write_bytes(b"not a png")
+  with pytest.raises(data.DataError, match="broken.png"):
+    folders.load_folder_dataset(f"folder:{root}")
+
+
+def test_cli_finetune_predict_and_eval_on_an_image_folder(source, digit_folder, tmp_path):
+  workdir = tmp_path / "ft-cli"
+  result = run_cli("finetune", "--from", source, "--dataset", f"folder:{digit_folder}",
+                   "--workdir", workdir, "--freeze", "Conv_0", "--epochs", "2",
+                   "--batch-size", "20")
+  assert result.returncode == 0, result.stderr
+  assert "loaded (6): Conv_0/bias, Conv_0/kernel" in result.stdout
+  assert "re-initialised (2): head/bias, head/kernel" in result.stdout
+  assert "frozen (2): Conv_0/bias, Conv_0/kernel" in result.stdout
+  assert "converting images to 28x28 grayscale" in result.stderr
+  assert result.stderr.count("converting images") == 1
+
+  again = run_cli("finetune", "--from", source, "--dataset", f"folder:{digit_folder}",
+                  "--workdir", workdir, "--freeze", "Conv_0", "--epochs", "2", "--batch-size", "20")
+  assert again.returncode == 0 and "already trained" in again.stdout
+
+  test_images = sorted((digit_folder / "test").rglob("*.png"))
+  not_an_image = tmp_path / "notes.png"
+  not_an_image.write_text("hello")
+  result = run_cli("predict", "--workdir", workdir, *test_images[:3], not_an_image, test_images[-1],
+                   "--top-k", "2", "--json")
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith("flaxzoo: error:")]
+  assert len(errors) == 1 and "notes.png" in errors[0]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert [p["file"] for p in out["predictions"]] == [str(p) for p in test_images[:3] + [test_images[-1]]]
+  for prediction in out["predictions"]:
+    assert len(prediction["top_k"]) == 2
+    assert {c["class"] for c in prediction["top_k"]} <= set(DIGIT_NAMES)
+    assert prediction["top_k"][0]["probability"] >= prediction["top_k"][1]["probability"]
+
+  result = run_cli("eval", "--workdir", workdir, "--json")
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["num_examples"] == 20
+  assert set(report["per_class_accuracy"]) == set(DIGIT_NAMES)
+  assert np.array(report["confusion_matrix"]).sum() == 20
+  assert json.loads((workdir / "eval-test.json").read_text())["accuracy"] == report["accuracy"]
+  with Image.open(workdir / "confusion-test.png") as png:
+    assert png.format == "PNG"
+
+
+def test_cli_finetune_reports_a_missing_source_in_one_line(tmp_path):
+  result = run_cli("finetune", "--from", tmp_path / "nothing", "--dataset", "fashion_mnist")
+  assert result.returncode == 2
+  assert result.stderr.strip().startswith("flaxzoo: error:") and len(result.stderr.splitlines()) == 1
+  assert "does not exist" in result.stderr
+
+
+def test_fashion_mnist_prepared_beside_mnist_has_its_own_pixels(mnist_data_dir, mnist_raw_dir):
+  """tfds reuses an extracted file of the same name: fashion_mnist must not get mnist's pixels."""
+  fashion_raw = mnist_raw_dir.parent / "fashion_mnist"
+  if not (fashion_raw / "train-images-idx3-ubyte.gz").is_file():
+    pytest.skip(f"no Fashion-MNIST raw files in {fashion_raw}")
+  fashion = data.load_dataset("fashion_mnist", mnist_data_dir, str(fashion_raw), splits=("test",),
+                              limits={"test": 1000})
+  assert fashion.info.class_names[0] == "T-shirt/top"
+  fashion_images, fashion_labels = fashion.splits["test"]
+  mnist_images, mnist_labels = data.load_split("mnist", "test", mnist_data_dir, limit=1000)
+  assert not np.array_equal(fashion_labels, mnist_labels)
+  assert not np.array_equal(fashion_images, mnist_images)

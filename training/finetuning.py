@@ -1,0 +1,172 @@
+"""Fine-tuning: a trained checkpoint's parameters in a model for a new dataset.
+
+`load_pretrained` merges a checkpoint's variables into a freshly initialised model: every array
+whose path and shape match is loaded; the classifier head (`head/…`) is re-initialised when the
+number of classes differs; any other shape difference is an error listing each path with both
+shapes. `finetune` is `train_and_evaluate` with a config that says where the weights come from
+(`init_from`, `init_step`), what stays frozen and the source model's input shape, to which the
+new dataset's images are converted. A fine-tune checkpoints and resumes like any run.
+"""
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from training import checkpoint
+from training import config as config_lib
+from training.state import param_path
+
+
+@dataclasses.dataclass
+class PretrainedReport:
+  """What `load_pretrained` did, by variable path ('Conv_0/kernel'; 'batch_stats/…' for
+  non-parameter collections)."""
+  source_workdir: str
+  source_step: int
+  source_card: dict
+  loaded: list
+  reinitialized: list
+  reinitialized_why: str = ""
+
+  def lines(self) -> list[str]:
+    lines = [f"loaded ({len(self.loaded)}): {', '.join(self.loaded) or 'nothing'}"]
+    if self.reinitialized:
+      lines.append(f"re-initialised ({len(self.reinitialized)}): {', '.join(self.reinitialized)}"
+                   f" ({self.reinitialized_why})")
+    else:
+      lines.append("re-initialised: none")
+    return lines
+
+
+def _flat(variables) -> dict:
+  """{'Conv_0/kernel': array, 'batch_stats/BatchNorm_0/mean': array, ...}."""
+  out = {}
+  for collection, tree in variables.items():
+    for path, leaf in traverse_util.flatten_dict(tree, sep="/").items():
+      out[path if collection == "params" else f"{collection}/{path}"] = leaf
+  return out
+
+
+def _unflat(flat: dict) -> dict:
+  nested = {}
+  for key, leaf in flat.items():
+    collection, path = ("params", key) if key.split("/")[0] not in _COLLECTIONS else key.split("/", 1)
+    nested.setdefault(collection, {})[path] = leaf
+  return {c: traverse_util.unflatten_dict(tree, sep="/") for c, tree in nested.items()}
+
+
+_COLLECTIONS = ("batch_stats",)  # non-parameter collections the zoo's models keep
+
+
+def is_head(path: str) -> bool:
+  return path.split("/")[0] == "head" or (path.split("/")[0] in _COLLECTIONS
+                                          and path.split("/")[1] == "head")
+
+
+def load_pretrained(source_workdir, model, input_shape=None, *, step: int | None = None,
+                    seed: int = 0, variables: dict | None = None):
+  """`(variables, report)`: `model`'s variables with every matching array from the checkpoint.
+
+  `variables`: the freshly initialised variables to merge into (default: `model.init` with
+  `seed` at `input_shape`, which defaults to the checkpoint's input shape). Raises CheckpointError
+  listing every path whose shape differs, unless only the head's does because the number of
+  classes changed (then the head keeps its fresh initialisation).
+  """
+  source_model, source_variables, card = checkpoint.load_checkpoint(source_workdir, step)
+  if variables is None:
+    shape = (1, *(input_shape or card["input_shape"]))
+    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32), train=False)
+  fresh, source = _flat(variables), _flat(source_variables)
+  classes_changed = card["num_classes"] != model.num_classes
+  merged, loaded, reinitialized, mismatched = {}, [], [], []
+  for path, leaf in fresh.items():
+    old = source.get(path)
+    if old is not None and old.shape == leaf.shape:
+      merged[path] = jnp.asarray(old, leaf.dtype)
+      loaded.append(path)
+    elif old is not None and not (classes_changed and is_head(path)):
+      mismatched.append(f"{path}: checkpoint {tuple(old.shape)}, model {tuple(leaf.shape)}")
+    else:
+      merged[path] = leaf
+      reinitialized.append(path)
+  if mismatched:
+    raise checkpoint.CheckpointError(
+        f"cannot load {source_workdir} step {card['step']} into {model.registered_name}: shapes "
+        f"differ at {'; '.join(mismatched)}. Only the classifier head may differ, when the number "
+        f"of classes changes; build the model with the checkpoint's arguments "
+        f"{card['model']['kwargs']} and input shape {card['input_shape']}")
+  missing = [p for p in reinitialized if p not in source]
+  why = []
+  if classes_changed:
+    why.append(f"the checkpoint has {card['num_classes']} classes, the model "
+               f"{model.num_classes}")
+  if missing:
+    why.append(f"{len(missing)} not in the checkpoint")
+  report = PretrainedReport(str(source_workdir), card["step"], card, sorted(loaded),
+                            sorted(reinitialized), "; ".join(why))
+  return _unflat(merged), report
+
+
+def frozen_paths(params, freeze: str) -> list[str]:
+  from training.state import param_groups
+  labels = param_groups(params, freeze)
+  return [param_path(p) for p, label in jax.tree_util.tree_flatten_with_path(labels)[0]
+          if label == "frozen"]
+
+
+def lineage(report: PretrainedReport, frozen: list[str]) -> dict:
+  """What a fine-tuned model card records about where its weights came from."""
+  card = report.source_card
+  return {"source_workdir": str(Path(report.source_workdir).absolute()),
+          "source_step": report.source_step,
+          "source_dataset": card["dataset"]["name"],
+          "source_model": card["model"]["name"],
+          "source_test_accuracy": card["metrics"].get("test", {}).get("accuracy"),
+          "loaded": report.loaded, "reinitialized": report.reinitialized, "frozen": frozen}
+
+
+def finetune_config(source_card: dict, source_workdir, dataset: str, **overrides):
+  """The source run's config for `dataset`: same model and training settings, its weights as the
+  start (`init_from`/`init_step`), its input shape, all examples of the new dataset; then
+  `overrides` (any Config field) on top."""
+  saved = config_lib.from_dict(source_card["config"])
+  config = dataclasses.replace(
+      saved, dataset=dataset, init_from=str(Path(source_workdir).absolute()),
+      init_step=source_card["step"], input_shape=list(source_card["input_shape"]),
+      train_examples=0, test_examples=0, checkpoint_every_steps=0, manual_dir=None)
+  return config_lib.override(config, {k: v for k, v in overrides.items() if v is not None})
+
+
+def finetune(source_workdir, dataset: str, workdir=None, *, freeze: str = "none",
+             head_learning_rate: float | None = None, epochs: int | None = None,
+             step: int | None = None, **overrides):
+  """Fine-tunes the model in `source_workdir` (its newest readable checkpoint, or `step`) on
+  `dataset` (a tfds name or `folder:PATH`); returns the final TrainState.
+
+  `workdir` defaults to checkpoints/<dataset>-<model>-from-<source workdir name>; a re-run
+  continues it. `overrides`: any Config field (learning_rate=..., batch_size=..., ...).
+  """
+  from training.train import train_and_evaluate
+  source_card = checkpoint.read_card(source_workdir, step)
+  config = finetune_config(source_card, source_workdir, dataset, freeze=freeze,
+                           head_learning_rate=head_learning_rate, epochs=epochs, **overrides)
+  workdir = Path(workdir or config_lib.default_workdir(config))
+  if checkpoint.saved_steps(workdir):
+    saved = config_lib.from_dict(checkpoint.read_card(workdir)["config"])
+    if saved.init_from == config.init_from and step is None:
+      # The source may have trained on since this fine-tune began: it continues from its start.
+      config = dataclasses.replace(config, init_step=saved.init_step)
+  return train_and_evaluate(config, workdir)
+
+
+def print_report(report: PretrainedReport, frozen: list[str], dataset: str) -> None:
+  card = report.source_card
+  print(f"Fine-tuning {card['model']['name']} from {report.source_workdir} step "
+        f"{report.source_step} (trained on {card['dataset']['name']}) on {dataset}:",
+        flush=True)
+  for line in report.lines() + [f"frozen ({len(frozen)}): {', '.join(frozen)}" if frozen
+                                else "frozen: none"]:
+    print(f"  {line}", flush=True)

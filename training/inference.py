@@ -1,0 +1,105 @@
+"""Using a trained checkpoint: class predictions for image files (with the card's class names),
+and a full evaluation on its dataset."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data import images as image_lib
+from data.datasets import DataError
+from training import checkpoint
+from training.state import predict_step
+
+
+def predict_arrays(model, variables, images, batch_size: int = 1000) -> np.ndarray:
+  """Class probabilities (N, num_classes) for uint8 or [0, 1] float images (N, H, W, C)."""
+  return np.concatenate([np.asarray(predict_step(model, variables, images[i:i + batch_size]))
+                         for i in range(0, len(images), batch_size)])
+
+
+def predict_files(workdir, paths, top_k: int = 5, step: int | None = None):
+  """`(predictions, errors, card)` for image files, using the checkpoint in `workdir`.
+
+  predictions: one dict per readable file, `{"file", "top_k": [{"class", "probability"}, ...]}`,
+  most probable first. errors: `{"file", "error"}` for each file that is not a readable image
+  (the others are still predicted). Images are converted to the model's input shape; when any is,
+  that is stated once on stderr.
+  """
+  model, variables, card = checkpoint.load_checkpoint(workdir, step)
+  shape = tuple(card["input_shape"])
+  class_names = card["dataset"]["class_names"]
+  images, readable, errors, shapes = [], [], [], []
+  for path in paths:
+    try:
+      image = image_lib.open_image(path)
+    except DataError as e:
+      errors.append({"file": str(path), "error": str(e)})
+      continue
+    shapes.append(image_lib.pil_shape(image))
+    images.append(image_lib.convert_pil_image(image, shape))
+    readable.append(str(path))
+  note = image_lib.conversion_note(f"{len(readable)} image file(s)", shapes, shape)
+  if note:
+    print(note, file=sys.stderr)
+  predictions = []
+  if images:
+    probabilities = predict_arrays(model, variables, np.stack(images))
+    k = max(1, min(top_k, len(class_names)))
+    for path, probs in zip(readable, probabilities):
+      best = np.argsort(-probs, kind="stable")[:k]
+      predictions.append({"file": path, "top_k": [
+          {"class": class_names[i], "probability": float(probs[i])} for i in best]})
+  return predictions, errors, card
+
+
+def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
+                        data_dir: str | None = None, manual_dir: str | None = None,
+                        save: bool = True) -> dict:
+  """Accuracy, loss, macro-F1, per-class accuracy and confusion matrix of a checkpoint on its own
+  dataset's `split` (the examples and input conversion it was trained with).
+
+  With `save`, also writes WORKDIR/eval-<split>.json and WORKDIR/confusion-<split>.png; their
+  paths are in the result's "files" (a folder that cannot be written to only gets a warning).
+  """
+  import data
+  from training.train import evaluate
+  model, variables, card = checkpoint.load_checkpoint(workdir, step)
+  saved = card["config"]
+  name = card["dataset"]["name"]
+  limit = saved.get("test_examples") if split == "test" else None
+  dataset = data.load_dataset(
+      name, data_dir or saved.get("data_dir"), manual_dir or saved.get("manual_dir"),
+      splits=(split,), limits={split: limit}, image_shape=card["input_shape"],
+      test_fraction=saved.get("test_fraction", 0.2))
+  result = evaluate(model, variables, *dataset.splits[split], saved.get("eval_batch_size", 1000),
+                    card["dataset"]["class_names"])
+  result.update(step=card["step"], split=split, dataset=name, model=card["model"]["name"],
+                workdir=str(workdir))
+  if save:
+    result["files"] = save_evaluation(result, Path(workdir))
+  return result
+
+
+def save_evaluation(result: dict, workdir: Path) -> list[str]:
+  """eval-<split>.json and confusion-<split>.png in `workdir`, each written whole or not at all."""
+  from training import metrics
+  split = result["split"]
+  json_path, png_path = workdir / f"eval-{split}.json", workdir / f"confusion-{split}.png"
+  try:
+    for path, write in (
+        (json_path, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n")),
+        (png_path, lambda tmp: metrics.save_confusion_png(
+            np.asarray(result["confusion_matrix"]), result["class_names"], tmp,
+            f"{result['model']} step {result['step']}: {result['dataset']} {split}, "
+            f"accuracy {result['accuracy']:.2%}"))):
+      tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+      write(tmp)
+      os.replace(tmp, path)
+  except OSError as e:
+    print(f"flaxzoo: warning: could not write the evaluation files in {workdir} ({e.strerror}); "
+          f"the result above is complete", file=sys.stderr)
+    return []
+  return [str(json_path), str(png_path)]
