@@ -216,3 +216,14 @@ def test_fashion_mnist_prepared_beside_mnist_has_its_own_pixels(mnist_data_dir, 
   mnist_images, mnist_labels = data.load_split("mnist", "test", mnist_data_dir, limit=1000)
   assert not np.array_equal(fashion_labels, mnist_labels)
   assert not np.array_equal(fashion_images, mnist_images)
+
+
+def test_cli_finetune_refuses_a_bad_freeze_pattern_before_loading_data(source, tmp_path):
+  workdir = tmp_path / "never"
+  result = run_cli("finetune", "--from", source, "--dataset", "folder:/nonexistent/images",
+                   "--workdir", workdir, "--freeze", "Conv_7")
+  assert result.returncode == 2
+  assert result.stderr.strip() == ("flaxzoo: error: --freeze pattern 'Conv_7' matches no parameter; "
+                                   "parameter paths are MODULE/NAME with modules Conv_0, Conv_1, "
+                                   "Dense_0, head")
+  assert not workdir.exists()

@@ -53,10 +53,13 @@ def _train_overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
+  import data
   from training import train
   from training import config as config_lib
   from training import checkpoint
   overrides = _train_overrides(args)
+  if "dataset" in overrides:
+    overrides["dataset"] = data.canonical_name(overrides["dataset"])  # folder:PATH, absolute
   config = config_lib.override(config_lib.Config(), overrides)
   workdir = args.workdir or config_lib.default_workdir(config)
   if checkpoint.saved_steps(workdir):

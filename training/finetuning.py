@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+import data
 from training import checkpoint
 from training import config as config_lib
 from training.state import param_path
@@ -117,6 +118,13 @@ def frozen_paths(params, freeze: str) -> list[str]:
           if label == "frozen"]
 
 
+def abstract_params(card: dict):
+  """Shapes of the parameters of the model a card describes (nothing computed or allocated)."""
+  model = checkpoint.model_from_card(card)
+  shape = (1, *card["input_shape"])
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))["params"]
+
+
 def lineage(report: PretrainedReport, frozen: list[str]) -> dict:
   """What a fine-tuned model card records about where its weights came from."""
   card = report.source_card
@@ -134,7 +142,7 @@ def finetune_config(source_card: dict, source_workdir, dataset: str, **overrides
   `overrides` (any Config field) on top."""
   saved = config_lib.from_dict(source_card["config"])
   config = dataclasses.replace(
-      saved, dataset=dataset, init_from=str(Path(source_workdir).absolute()),
+      saved, dataset=data.canonical_name(dataset), init_from=str(Path(source_workdir).absolute()),
       init_step=source_card["step"], input_shape=list(source_card["input_shape"]),
       train_examples=0, test_examples=0, checkpoint_every_steps=0, manual_dir=None)
   return config_lib.override(config, {k: v for k, v in overrides.items() if v is not None})
@@ -153,6 +161,7 @@ def finetune(source_workdir, dataset: str, workdir=None, *, freeze: str = "none"
   source_card = checkpoint.read_card(source_workdir, step)
   config = finetune_config(source_card, source_workdir, dataset, freeze=freeze,
                            head_learning_rate=head_learning_rate, epochs=epochs, **overrides)
+  frozen_paths(abstract_params(source_card), config.freeze)  # a bad --freeze fails before any data
   workdir = Path(workdir or config_lib.default_workdir(config))
   if checkpoint.saved_steps(workdir):
     saved = config_lib.from_dict(checkpoint.read_card(workdir)["config"])

@@ -198,6 +198,7 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   raises TrainingDiverged without saving.
   """
   workdir = Path(workdir)
+  config = dataclasses.replace(config, dataset=data.canonical_name(config.dataset))
   config_lib.validate(config)
   try:  # fail on a bad model name or argument before any data are loaded
     models.create_model(config.model, **config.model_kwargs)
