@@ -11,6 +11,7 @@ import numpy as np
 from data import images as image_lib
 from data.datasets import DataError
 from training import checkpoint
+from training.config import dataset_slug
 from training.state import predict_step
 
 
@@ -93,8 +94,8 @@ def save_evaluation(result: dict, workdir: Path) -> list[str]:
         (json_path, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n")),
         (png_path, lambda tmp: metrics.save_confusion_png(
             np.asarray(result["confusion_matrix"]), result["class_names"], tmp,
-            f"{result['model']} step {result['step']}: {result['dataset']} {split}, "
-            f"accuracy {result['accuracy']:.2%}"))):
+            f"{result['model']} step {result['step']}, accuracy {result['accuracy']:.2%}\n"
+            f"{dataset_slug(result['dataset'])} {split}"))):
       tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
       write(tmp)
       os.replace(tmp, path)
