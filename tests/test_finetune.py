@@ -227,3 +227,18 @@ def test_cli_finetune_refuses_a_bad_freeze_pattern_before_loading_data(source, t
                                    "parameter paths are MODULE/NAME with modules Conv_0, Conv_1, "
                                    "Dense_0, head")
   assert not workdir.exists()
+
+
+def test_evaluate_counts_the_confusion_matrix_of_its_predictions(source, mnist_data_dir):
+  """The on-device confusion matrix (padded, masked last batch) against one built from predict."""
+  from training import metrics
+  model, variables, card = checkpoint.load_checkpoint(source)
+  images, labels = data.load_split("mnist", "test", mnist_data_dir, limit=250)
+  names = card["dataset"]["class_names"]
+  result = training.evaluate(model, variables, images, labels, 100, names)  # 100+100+50 padded
+  predicted = training.predict(model, variables, images).argmax(1)
+  expected = metrics.confusion_matrix(labels, predicted, 10)
+  assert result["confusion_matrix"] == expected.tolist()
+  assert result["num_examples"] == 250
+  assert result["accuracy"] == pytest.approx(np.mean(predicted == labels))
+  assert result["macro_f1"] == metrics.classification_metrics(expected, names)["macro_f1"]

@@ -18,7 +18,7 @@ from flax import traverse_util
 import data
 from training import checkpoint
 from training import config as config_lib
-from training.state import param_path
+from training.state import param_groups, param_path
 
 
 @dataclasses.dataclass
@@ -42,29 +42,14 @@ class PretrainedReport:
     return lines
 
 
-def _flat(variables) -> dict:
-  """{'Conv_0/kernel': array, 'batch_stats/BatchNorm_0/mean': array, ...}."""
-  out = {}
-  for collection, tree in variables.items():
-    for path, leaf in traverse_util.flatten_dict(tree, sep="/").items():
-      out[path if collection == "params" else f"{collection}/{path}"] = leaf
-  return out
+def _name(key: str) -> str:
+  """'params/Conv_0/kernel' -> 'Conv_0/kernel'; other collections keep their prefix."""
+  return key.removeprefix("params/")
 
 
-def _unflat(flat: dict) -> dict:
-  nested = {}
-  for key, leaf in flat.items():
-    collection, path = ("params", key) if key.split("/")[0] not in _COLLECTIONS else key.split("/", 1)
-    nested.setdefault(collection, {})[path] = leaf
-  return {c: traverse_util.unflatten_dict(tree, sep="/") for c, tree in nested.items()}
-
-
-_COLLECTIONS = ("batch_stats",)  # non-parameter collections the zoo's models keep
-
-
-def is_head(path: str) -> bool:
-  return path.split("/")[0] == "head" or (path.split("/")[0] in _COLLECTIONS
-                                          and path.split("/")[1] == "head")
+def is_head(key: str) -> bool:
+  """Whether a flattened variable key ('params/head/kernel') belongs to the classifier."""
+  return key.split("/")[1] == "head"
 
 
 def load_pretrained(source_workdir, model, input_shape=None, *, step: int | None = None,
@@ -76,30 +61,31 @@ def load_pretrained(source_workdir, model, input_shape=None, *, step: int | None
   listing every path whose shape differs, unless only the head's does because the number of
   classes changed (then the head keeps its fresh initialisation).
   """
-  source_model, source_variables, card = checkpoint.load_checkpoint(source_workdir, step)
+  _, source_variables, card = checkpoint.load_checkpoint(source_workdir, step)
   if variables is None:
     shape = (1, *(input_shape or card["input_shape"]))
     variables = model.init(jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32), train=False)
-  fresh, source = _flat(variables), _flat(source_variables)
+  fresh = traverse_util.flatten_dict(dict(variables), sep="/")
+  source = traverse_util.flatten_dict(dict(source_variables), sep="/")
   classes_changed = card["num_classes"] != model.num_classes
   merged, loaded, reinitialized, mismatched = {}, [], [], []
-  for path, leaf in fresh.items():
-    old = source.get(path)
+  for key, leaf in fresh.items():
+    old = source.get(key)
     if old is not None and old.shape == leaf.shape:
-      merged[path] = jnp.asarray(old, leaf.dtype)
-      loaded.append(path)
-    elif old is not None and not (classes_changed and is_head(path)):
-      mismatched.append(f"{path}: checkpoint {tuple(old.shape)}, model {tuple(leaf.shape)}")
+      merged[key] = jnp.asarray(old, leaf.dtype)
+      loaded.append(_name(key))
+    elif old is not None and not (classes_changed and is_head(key)):
+      mismatched.append(f"{_name(key)}: checkpoint {tuple(old.shape)}, model {tuple(leaf.shape)}")
     else:
-      merged[path] = leaf
-      reinitialized.append(path)
+      merged[key] = leaf
+      reinitialized.append(_name(key))
   if mismatched:
     raise checkpoint.CheckpointError(
         f"cannot load {source_workdir} step {card['step']} into {model.registered_name}: shapes "
         f"differ at {'; '.join(mismatched)}. Only the classifier head may differ, when the number "
         f"of classes changes; build the model with the checkpoint's arguments "
         f"{card['model']['kwargs']} and input shape {card['input_shape']}")
-  missing = [p for p in reinitialized if p not in source]
+  missing = [k for k in fresh if k not in source]
   why = []
   if classes_changed:
     why.append(f"the checkpoint has {card['num_classes']} classes, the model "
@@ -108,11 +94,10 @@ def load_pretrained(source_workdir, model, input_shape=None, *, step: int | None
     why.append(f"{len(missing)} not in the checkpoint")
   report = PretrainedReport(str(source_workdir), card["step"], card, sorted(loaded),
                             sorted(reinitialized), "; ".join(why))
-  return _unflat(merged), report
+  return traverse_util.unflatten_dict(merged, sep="/"), report
 
 
 def frozen_paths(params, freeze: str) -> list[str]:
-  from training.state import param_groups
   labels = param_groups(params, freeze)
   return [param_path(p) for p, label in jax.tree_util.tree_flatten_with_path(labels)[0]
           if label == "frozen"]
