@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from models.registry import register_model
 
 
-@register_model("mlp")
+@register_model("mlp", epochs=10, learning_rate=1e-3)
 class MLP(nn.Module):
   """Flattened pixels through ReLU dense layers, then the classifier."""
 

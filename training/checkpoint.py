@@ -89,6 +89,7 @@ def make_card(model, config: Config, dataset_info, step: int, epoch: float, metr
       "num_classes": model.num_classes,
       "input_shape": list(dataset_info.image_shape),
       "input": "uint8 pixels, or float32 already scaled to [0, 1]; NHWC",
+      "dtype": {"params": "float32", "training_compute": config.dtype},
       "dataset": {"name": dataset_info.name, "class_names": list(dataset_info.class_names),
                   "num_examples": dict(dataset_info.num_examples)},
       "config": dataclasses.asdict(config),

@@ -17,21 +17,22 @@ def _print_error(message: str) -> int:
 
 
 def cmd_models(args) -> int:
-  import jax
-  import jax.numpy as jnp
   import models
+  from models import profile
   rows = []
   for name in models.list_models(args.pattern):
     model = models.create_model(name)
-    shapes = jax.eval_shape(lambda m=model: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1))))
-    params = sum(x.size for x in jax.tree.leaves(shapes["params"]))
-    rows.append({"name": name, "params": params, "description": models.model_description(name),
-                 "kwargs": models.model_kwargs(model)})
+    rows.append({"name": name, "params": profile.param_count(model),
+                 "flops_per_image": profile.flops_per_image(model),
+                 "description": models.model_description(name),
+                 "kwargs": models.model_kwargs(model), "train_defaults": models.train_defaults(name)})
   if args.json:
     print(json.dumps(rows))
   else:
+    print(f"{'model':<10} {'params':>9} {'MFLOPs/img':>10}  description (28x28x1 input)")
     for row in rows:
-      print(f"{row['name']:<12} {row['params']:>10,} params  {row['description']}")
+      print(f"{row['name']:<10} {row['params']:>9,} {row['flops_per_image'] / 1e6:>10.2f}  "
+            f"{row['description']}")
   return 0
 
 
@@ -39,7 +40,7 @@ def _train_overrides(args) -> dict:
   """Config overrides from the flags given (and --set KEY=VALUE), for train and finetune."""
   from training.config import ConfigError
   names = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
-           "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate")
+           "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype")
   overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
   for item in args.set or []:
     key, sep, text = item.partition("=")
@@ -60,7 +61,8 @@ def cmd_train(args) -> int:
   overrides = _train_overrides(args)
   if "dataset" in overrides:
     overrides["dataset"] = data.canonical_name(overrides["dataset"])  # folder:PATH, absolute
-  config = config_lib.override(config_lib.Config(), overrides)
+  config = config_lib.default_config(overrides.get("model", "convnet"))
+  config = config_lib.override(config, overrides)
   workdir = args.workdir or config_lib.default_workdir(config)
   if checkpoint.saved_steps(workdir):
     # Continue the saved run: its config is the base, the flags given now change it.
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int)
   p.add_argument("--checkpoint-every-steps", type=int, metavar="K",
                  help="also save a checkpoint every K steps (default: at epoch ends only)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                 help="training compute dtype (parameters and optimizer state stay float32)")
   p.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
   p.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
   p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -153,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--seed", type=int)
   p.add_argument("--step", type=int, help="source checkpoint step (default: its newest)")
   p.add_argument("--checkpoint-every-steps", type=int, metavar="K")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="training compute dtype")
   p.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
   p.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
   p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field")

@@ -29,6 +29,8 @@ class Config:
   checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
   keep_checkpoints: int = 3
   log_every_steps: int = 100  # a train record in metrics.jsonl every N steps (and at epoch ends)
+  dtype: str = "float32"  # training compute: float32 or bfloat16 (params, optimizer state: float32)
+  augment: str = "none"  # none | shift (random translation by up to 2 pixels, during training)
   # Fine-tuning (set by `flaxzoo finetune` / `training.finetune`; see training/finetune.py).
   init_from: str | None = None  # workdir whose checkpoint initialises the model
   init_step: int | None = None  # that checkpoint's step, fixed when the fine-tune starts
@@ -81,6 +83,12 @@ def from_dict(values: dict) -> Config:
   return override(Config(), values)
 
 
+def default_config(model: str = "convnet", **overrides) -> Config:
+  """`Config` for `model` with the training defaults it was registered with, then `overrides`."""
+  import models
+  return override(Config(model=model), {**models.train_defaults(model), **overrides})
+
+
 def validate(config: Config) -> None:
   """Value checks that types alone cannot make; raises ConfigError naming the fix."""
   rules = [
@@ -102,6 +110,8 @@ def validate(config: Config) -> None:
           and config.input_shape[2] in (1, 3)), "[height, width, 1 or 3]"),
       ("test_fraction", 0 < config.test_fraction < 1, "in (0, 1)"),
       ("freeze", bool(config.freeze.strip()), "none, backbone or wildcards of parameter paths"),
+      ("dtype", config.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+      ("augment", config.augment in ("none", "shift"), "none or shift"),
   ]
   if "num_classes" in config.model_kwargs:
     raise ConfigError("model_kwargs must not set num_classes: it comes from the dataset's labels")

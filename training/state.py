@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import struct
 from flax.training import train_state
 
 from training.config import Config, ConfigError
@@ -21,6 +22,10 @@ from training.config import Config, ConfigError
 class TrainState(train_state.TrainState):
   batch_stats: Any
   rng: jax.Array
+  # Static (not saved): "bfloat16" runs the training forward/backward pass in bfloat16 on float32
+  # master parameters; the optimizer state and updates stay float32.
+  compute_dtype: str = struct.field(pytree_node=False, default="float32")
+  augment: str = struct.field(pytree_node=False, default="none")  # see `augment_images`
 
   def variables(self) -> dict:
     return model_variables(self.params, self.batch_stats)
@@ -98,8 +103,25 @@ def create_train_state(model: nn.Module, config: Config, input_shape, total_step
   variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
   state = TrainState.create(
       apply_fn=model.apply, params=variables["params"], tx=create_optimizer(config, total_steps),
-      batch_stats=variables.get("batch_stats", {}), rng=train_key)
+      batch_stats=variables.get("batch_stats", {}), rng=train_key, compute_dtype=config.dtype,
+      augment=config.augment)
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, like every other saved leaf
+
+
+MAX_SHIFT = 2  # pixels, for augment="shift"
+
+
+def augment_images(key, images, augment: str):
+  """Training-time augmentation on device. "shift": each image moved by up to MAX_SHIFT pixels
+  in each direction, zero-filled (the classic MNIST augmentation); "none": unchanged."""
+  if augment == "none":
+    return images
+  n, height, width, channels = images.shape
+  padded = jnp.pad(images, ((0, 0), (MAX_SHIFT, MAX_SHIFT), (MAX_SHIFT, MAX_SHIFT), (0, 0)))
+  offsets = jax.random.randint(key, (n, 2), 0, 2 * MAX_SHIFT + 1)
+  crop = lambda image, offset: jax.lax.dynamic_slice(  # noqa: E731
+      image, (offset[0], offset[1], 0), (height, width, channels))
+  return jax.vmap(crop)(padded, offsets)
 
 
 def cross_entropy(logits, labels):
@@ -110,19 +132,29 @@ def cross_entropy(logits, labels):
 def train_step(state: TrainState, images, labels):
   """One optimizer step on one batch; returns the new state and the batch's loss and accuracy."""
   step_key = jax.random.fold_in(state.rng, state.step)
+  inputs = to_model_input(images)
+  if state.augment != "none":  # static; without augmentation the dropout key stays step_key
+    augment_key, step_key = jax.random.split(step_key)
+    inputs = augment_images(augment_key, inputs, state.augment)
   has_batch_stats = bool(state.batch_stats)  # static: part of the state's tree structure
 
+  dtype = jnp.dtype(state.compute_dtype)
+
   def loss_fn(params):
+    params = jax.tree.map(lambda p: p.astype(dtype), params)  # gradients flow back as float32
     variables = model_variables(params, state.batch_stats)
-    out = state.apply_fn(variables, to_model_input(images), train=True, rngs={"dropout": step_key},
+    out = state.apply_fn(variables, inputs.astype(dtype), train=True,
+                         rngs={"dropout": step_key},
                          mutable=["batch_stats"] if has_batch_stats else False)
     logits, updates = out if has_batch_stats else (out, {})
+    logits = logits.astype(jnp.float32)
     return cross_entropy(logits, labels).mean(), (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads)
-  if has_batch_stats:
-    state = state.replace(batch_stats=updates["batch_stats"])
+  if has_batch_stats:  # kept in their saved dtype whatever the compute dtype
+    state = state.replace(batch_stats=jax.tree.map(lambda new, old: new.astype(old.dtype),
+                                                   updates["batch_stats"], state.batch_stats))
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return state, {"loss": loss, "accuracy": accuracy}
 

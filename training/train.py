@@ -25,6 +25,7 @@ import data
 import models
 from training import checkpoint
 from training import config as config_lib
+from training import curves
 from training import finetuning
 from training import metrics
 from training.config import Config, ConfigError
@@ -299,6 +300,16 @@ def restore_finished(card: dict, config: Config, workdir) -> TrainState | None:
   return state
 
 
+def draw_curves(run: Run) -> None:
+  """WORKDIR/curves.png from metrics.jsonl; a picture that cannot be written only warns."""
+  try:
+    curves.save_training_curves(run.metrics_log.path, run.workdir / "curves.png",
+                                f"{run.config.model} on {config_lib.dataset_slug(run.info.name)}")
+  except OSError as e:
+    print(f"flaxzoo: warning: could not draw {run.workdir / 'curves.png'} ({e.strerror})",
+          file=sys.stderr)
+
+
 def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, train_split,
                  test_split) -> TrainState:
   """The loop: epochs of jitted steps, a train record every `log_every_steps`, a test record and a
@@ -377,6 +388,7 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
     run.metrics_log.write(test_record)
     latest_metrics["test"] = test_record
     save_checkpoint()
+    draw_curves(run)
     trained = (steps_per_epoch - start_batch) * config.batch_size
     summary = mean_metrics(epoch_metrics) if epoch_metrics else {"loss": np.nan, "accuracy": np.nan}
     print(f"epoch {epoch + 1}/{config.epochs}  step {step}  "

@@ -1,0 +1,25 @@
+"""LeNet-5: the classic small convolutional network."""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models.registry import register_model
+
+
+@register_model("lenet5", epochs=5)
+class LeNet5(nn.Module):
+  """LeNet-5 (LeCun et al., 1998) with ReLU and max-pooling: conv 6@5x5, conv 16@5x5, 120, 84."""
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    del train  # no dropout or BatchNorm
+    x = nn.relu(nn.Conv(6, kernel_size=(5, 5), padding="SAME")(x))  # 28x28 in, as the 32x32 original's C1 out
+    x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = nn.relu(nn.Conv(16, kernel_size=(5, 5), padding="VALID")(x))
+    x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(120)(x))
+    x = nn.relu(nn.Dense(84)(x))
+    return nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,50 @@
+"""ResNet: residual blocks with BatchNorm, the CIFAR-style 6n+2 family sized for small images."""
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from models.registry import register_model
+
+
+class ResidualBlock(nn.Module):
+  """Two 3x3 conv-BN layers and an identity (or 1x1 conv-BN projection) shortcut."""
+
+  width: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    y = nn.Conv(self.width, (3, 3), strides=self.stride, use_bias=False)(x)
+    y = nn.relu(norm()(y))
+    y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
+    y = norm(scale_init=nn.initializers.zeros)(y)  # each block starts as the identity
+    if x.shape != y.shape:
+      x = norm()(nn.Conv(self.width, (1, 1), strides=self.stride, use_bias=False)(x))
+    return nn.relu(x + y)
+
+
+@register_model("resnet")
+class ResNet(nn.Module):
+  """ResNet-(6n+2) (He et al., 2016, CIFAR variant) with BatchNorm; default ResNet-8, 8/16/32 wide."""
+
+  num_classes: int = 10
+  depth: int = 8  # 6n + 2: 8, 14, 20, 32, 44, 56, 110
+  widths: Sequence[int] = (8, 16, 32)  # one per stage; stages after the first halve the resolution
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    if self.depth < 8 or (self.depth - 2) % 6:
+      raise ValueError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {self.depth}")
+    blocks_per_stage = (self.depth - 2) // 6
+    x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    for stage, width in enumerate(self.widths):
+      for block in range(blocks_per_stage):
+        stride = 2 if stage > 0 and block == 0 else 1
+        x = ResidualBlock(width, stride)(x, train)
+    x = jnp.mean(x, axis=(1, 2))  # global average pool
+    return nn.Dense(self.num_classes, name="head")(x)

@@ -1,0 +1,188 @@
+"""Every registered model: forward shape, a train step that learns, checkpoints with batch_stats,
+deterministic eval mode, bfloat16 training; `flaxzoo models` with FLOPs; the results script on a
+slice of real MNIST."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import data
+import models
+from conftest import ROOT, run_cli
+from models import profile
+from training import checkpoint
+from training.config import Config, ConfigError, default_config, validate
+from training.state import create_train_state, train_step
+
+ZOO = models.list_models()
+
+
+def test_the_zoo_has_the_five_architectures():
+  assert set(ZOO) >= {"mlp", "lenet5", "convnet", "resnet", "vit_tiny"}
+  assert models.list_models("res*") == ["resnet"]
+
+
+@pytest.fixture(scope="module")
+def batch(mnist_data_dir):
+  images, labels = data.load_split("mnist", "train", mnist_data_dir, limit=32)
+  return images, labels
+
+
+def train_mode_loss(state, images, labels):
+  """The training loss of `state` on a batch, with a fixed dropout key (deterministic)."""
+  variables = state.variables()
+  mutable = ["batch_stats"] if state.batch_stats else False
+  out = state.apply_fn(variables, images.astype(jnp.float32) / 255, train=True,
+                       rngs={"dropout": jax.random.PRNGKey(7)}, mutable=mutable)
+  logits = out[0] if mutable else out
+  return float(jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels]) * -1)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_forward_shape_and_a_train_step_that_lowers_the_loss(name, batch):
+  images, labels = batch
+  model = models.create_model(name, num_classes=7)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  assert model.apply(variables, images.astype(np.float32) / 255).shape == (32, 7)
+  labels = labels % 7
+  config = default_config(name, learning_rate=1e-4, warmup_fraction=0.0, augment="none")
+  state = create_train_state(model, config, (28, 28, 1), total_steps=100)
+  before = train_mode_loss(state, images, labels)
+  state, metrics = train_step(state, images, labels)
+  assert np.isfinite(float(metrics["loss"]))
+  assert train_mode_loss(state, images, labels) < before
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_eval_mode_is_deterministic_and_independent_of_the_batch(name, batch):
+  """Dropout is off and BatchNorm uses its running statistics: an image's output is the same
+  under any dropout key and whatever else is in the batch."""
+  images, labels = batch
+  model = models.create_model(name)
+  state = create_train_state(model, Config(model=name), (28, 28, 1), total_steps=10)
+  state, _ = train_step(state, images, labels)  # running statistics move away from their init
+  x = images.astype(np.float32) / 255
+  full = model.apply(state.variables(), x, train=False, rngs={"dropout": jax.random.PRNGKey(1)})
+  again = model.apply(state.variables(), x, train=False, rngs={"dropout": jax.random.PRNGKey(2)})
+  part = model.apply(state.variables(), x[:5], train=False)
+  np.testing.assert_array_equal(np.asarray(full), np.asarray(again))
+  np.testing.assert_allclose(np.asarray(full[:5]), np.asarray(part), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_checkpoint_round_trip_includes_batch_stats(name, batch, tmp_path, mnist_data_dir):
+  images, labels = batch
+  model = models.create_model(name)
+  config = Config(model=name)
+  state = create_train_state(model, config, (28, 28, 1), total_steps=10)
+  for _ in range(2):
+    state, _ = train_step(state, images, labels)
+  info = data.dataset_info("mnist", mnist_data_dir)
+  with checkpoint.open_manager(tmp_path) as manager:
+    checkpoint.save(manager, state, checkpoint.make_card(model, config, info, 2, 0.1, {}), keep=3)
+    checkpoint.wait(manager)
+  target = create_train_state(model, config, (28, 28, 1), total_steps=10)
+  restored, card, _ = checkpoint.restore_latest(tmp_path, target)
+  for part in ("params", "batch_stats", "opt_state"):
+    for a, b in zip(jax.tree.leaves(getattr(state, part)), jax.tree.leaves(getattr(restored, part))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  if name == "resnet":
+    assert jax.tree.leaves(restored.batch_stats), "resnet must carry BatchNorm statistics"
+    _, variables, _ = checkpoint.load_checkpoint(tmp_path)
+    assert "batch_stats" in variables
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_bfloat16_training_keeps_float32_parameters(name, batch):
+  images, labels = batch
+  model = models.create_model(name)
+  state = create_train_state(model, Config(model=name, dtype="bfloat16"), (28, 28, 1), 10)
+  state, metrics = train_step(state, images, labels)
+  assert np.isfinite(float(metrics["loss"]))
+  dtypes = {leaf.dtype for leaf in jax.tree.leaves((state.params, state.opt_state, state.batch_stats))
+            if jnp.issubdtype(leaf.dtype, jnp.floating)}
+  assert dtypes == {jnp.dtype("float32")}
+
+
+def test_dtype_is_checked_and_recorded_in_the_card(tmp_path, mnist_data_dir):
+  with pytest.raises(ConfigError, match="dtype must be float32 or bfloat16"):
+    validate(Config(dtype="float16"))
+  info = data.dataset_info("mnist", mnist_data_dir)
+  card = checkpoint.make_card(models.create_model("convnet"), Config(dtype="bfloat16"), info, 0, 0, {})
+  assert card["dtype"] == {"params": "float32", "training_compute": "bfloat16"}
+  assert card["config"]["dtype"] == "bfloat16"
+
+
+def test_create_model_lists_valid_arguments():
+  with pytest.raises(TypeError, match="valid arguments: num_classes, depth, widths"):
+    models.create_model("resnet", blocks=3)
+  with pytest.raises(ValueError, match="6n\\+2"):
+    model = models.create_model("resnet", depth=10)
+    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+
+
+def test_models_command_shows_params_and_flops():
+  result = run_cli("models", "--json")
+  assert result.returncode == 0, result.stderr
+  rows = {row["name"]: row for row in json.loads(result.stdout)}
+  assert set(rows) == set(ZOO)
+  assert rows["convnet"]["params"] == 206_922
+  # convnet by hand: conv1 28*28*16*9*2, conv2 14*14*32*16*9*2, dense 1568*128*2, head 128*10*2.
+  # XLA skips the taps that fall on SAME padding (~7 % here) and adds ReLU, pooling and biases.
+  by_hand = 28 * 28 * 16 * 9 * 2 + 14 * 14 * 32 * 16 * 9 * 2 + 1568 * 128 * 2 + 128 * 10 * 2
+  assert 0.9 * by_hand <= rows["convnet"]["flops_per_image"] <= 1.1 * by_hand
+  for row in rows.values():
+    assert row["flops_per_image"] > 0
+
+
+def test_every_run_draws_its_training_curves(tmp_path, mnist_data_dir):
+  import training
+  from PIL import Image
+  config = Config(model="lenet5", data_dir=mnist_data_dir, epochs=2, batch_size=64,
+                  train_examples=256, test_examples=100)
+  training.train_and_evaluate(config, tmp_path)
+  with Image.open(tmp_path / "curves.png") as png:
+    assert png.format == "PNG" and png.width > 300
+  from training.curves import epoch_curves
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  curves = epoch_curves(records)
+  assert curves["epoch"] == [1, 2]
+  assert curves["test_accuracy"] == [r["accuracy"] for r in records if r["split"] == "test"]
+
+
+def test_results_script_runs_end_to_end_on_a_slice(tmp_path, mnist_data_dir):
+  out_csv, out_md = tmp_path / "mnist.csv", tmp_path / "results.md"
+  result = subprocess.run(
+      [sys.executable, "scripts/make_results.py", "--models", "mlp,resnet", "--train-examples",
+       "256", "--test-examples", "100", "--epochs", "1", "--data-dir", mnist_data_dir,
+       "--workdir-root", tmp_path / "runs", "--csv", out_csv, "--markdown", out_md],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  rows = list(csv.DictReader(out_csv.open()))
+  assert [r["model"] for r in rows] == ["mlp", "resnet"]
+  for row in rows:
+    assert 0 <= float(row["test_accuracy"]) <= 1 and float(row["latency_ms_batch1"]) > 0
+    assert int(row["params"]) == profile.param_count(models.create_model(row["model"]))
+  table = out_md.read_text()
+  assert "quick run" in table and "| resnet |" in table and "Machine:" in table
+
+
+def test_shift_augmentation_moves_each_image_by_at_most_two_pixels():
+  from training.state import MAX_SHIFT, augment_images
+  images = jnp.zeros((64, 12, 12, 1)).at[:, 4:8, 4:8, 0].set(1.0)  # a square away from the edges
+  shifted = np.asarray(augment_images(jax.random.PRNGKey(0), images, "shift"))
+  corners = np.array([np.argwhere(image[..., 0] > 0).min(0) for image in shifted])
+  assert np.all(np.abs(corners - 4) <= MAX_SHIFT)
+  assert len({tuple(c) for c in corners}) > 10  # images move independently
+  np.testing.assert_array_equal(shifted.sum((1, 2, 3)), 16.0)  # moved, not cut
+  again = np.asarray(augment_images(jax.random.PRNGKey(0), images, "shift"))
+  np.testing.assert_array_equal(shifted, again)  # a function of the key alone
+  assert augment_images(jax.random.PRNGKey(0), images, "none") is images
+  with pytest.raises(ConfigError, match="augment must be none or shift"):
+    validate(Config(augment="flip"))
