@@ -1,5 +1,9 @@
 """flaxzoo models: `flax.linen` image classifiers behind a timm-style registry."""
 
+from models import xla_flags
+
+xla_flags.apply()  # before anything starts XLA's CPU client (see models/xla_flags.py)
+
 from models.registry import (UnknownModelError, create_model, list_models, model_description,
                              model_kwargs, register_model, train_defaults)
 from models.convnet import ConvNet

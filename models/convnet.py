@@ -5,6 +5,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from models import layers
 from models.registry import register_model
 
 
@@ -22,7 +23,7 @@ class ConvNet(nn.Module):
     for width in self.widths:
       x = nn.Conv(width, kernel_size=(3, 3))(x)
       x = nn.relu(x)
-      x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+      x = layers.max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.hidden)(x))
     return nn.Dense(self.num_classes, name="head")(x)

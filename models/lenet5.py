@@ -3,6 +3,7 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
+from models import layers
 from models.registry import register_model
 
 
@@ -16,9 +17,9 @@ class LeNet5(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     del train  # no dropout or BatchNorm
     x = nn.relu(nn.Conv(6, kernel_size=(5, 5), padding="SAME")(x))  # 28x28 in, as the 32x32 original's C1 out
-    x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = layers.max_pool_2x2(x)
     x = nn.relu(nn.Conv(16, kernel_size=(5, 5), padding="VALID")(x))
-    x = nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+    x = layers.max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(120)(x))
     x = nn.relu(nn.Dense(84)(x))

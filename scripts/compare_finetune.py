@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import training  # noqa: E402
-from scripts.machine_info import machine_line  # noqa: E402
+from benchmarks.machine import machine_line  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.config import Config  # noqa: E402
 

@@ -1,55 +1,14 @@
 """Prints the CPU (model, cores, AVX-512/AVX2 flags) and a measured FP32 matmul peak.
 
-Speed figures in this repository are stated next to this line, because the machines they were
-measured on differ by ~7x in raw speed. Usage: python scripts/machine_info.py [--json]
+Usage: python scripts/machine_info.py [--json]. The code is `benchmarks/machine.py`.
 """
 
-import json
 import os
-import platform
 import sys
-import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def cpu_description() -> dict:
-  model, flags = platform.processor() or platform.machine(), set()
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-          model = value.strip()
-        elif key.strip() == "flags":
-          flags = set(value.split())
-  except OSError:
-    pass
-  simd = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no-avx2"
-  return {"cpu": model, "cores": os.cpu_count(), "simd": simd}
-
-
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
-  """Best-of-`repeats` FP32 (n x n) @ (n x n) throughput through XLA, in GFLOP/s."""
-  import jax
-  import jax.numpy as jnp
-  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best / 1e9
-
-
-def machine_line() -> str:
-  info = cpu_description()
-  return (f"{info['cpu']}, {info['cores']} cores, {info['simd']}, "
-          f"FP32 matmul peak {matmul_gflops():.0f} GFLOP/s (measured)")
-
+from benchmarks.machine import main  # noqa: E402
 
 if __name__ == "__main__":
-  if "--json" in sys.argv:
-    print(json.dumps({**cpu_description(), "matmul_gflops": round(matmul_gflops(), 1)}))
-  else:
-    print(machine_line())
+  main()

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import models  # noqa: E402
 import training  # noqa: E402
 from models import profile  # noqa: E402
-from scripts.machine_info import machine_line  # noqa: E402
+from benchmarks.machine import machine_line  # noqa: E402
 from training import checkpoint  # noqa: E402
 from training.config import default_config  # noqa: E402
 from training.state import predict_step  # noqa: E402

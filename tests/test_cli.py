@@ -174,3 +174,9 @@ def test_eval_falls_back_from_a_damaged_newest_checkpoint(tmp_path, trained_work
   assert len(warnings) == 1 and f"checkpoint {workdir}/32 is unreadable" in warnings[0]
   assert "Traceback" not in result.stderr and "Event loop" not in result.stderr, result.stderr
   assert json.loads(result.stdout.splitlines()[-1])["step"] == 16
+
+
+def test_unknown_named_config(tmp_path):
+  result = run_cli("train", "--config", "fastest", "--workdir", tmp_path / "w")
+  assert_one_clear_error(result, "unknown --config 'fastest'", "fast")
+  assert not (tmp_path / "w").exists()

@@ -57,3 +57,26 @@ def test_json_lists_become_tuples_and_round_trip():
 def test_register_model_rejects_a_taken_name():
   with pytest.raises(ValueError, match="already registered"):
     models.register_model("convnet")(type("Other", (), {}))
+
+
+@pytest.mark.parametrize("shape", [(2, 28, 28, 3), (2, 7, 9, 2)])
+def test_max_pool_2x2_matches_linen_values_and_gradients(shape):
+  from models.layers import max_pool_2x2
+  import flax.linen as nn
+  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  linen = lambda x: nn.max_pool(x, (2, 2), (2, 2))  # noqa: E731
+  assert jnp.array_equal(max_pool_2x2(x), linen(x))
+  weights = jax.random.normal(jax.random.PRNGKey(1), linen(x).shape)
+  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)  # noqa: E731
+  assert jnp.array_equal(grad(max_pool_2x2), grad(linen))
+
+
+def test_xla_runs_without_ynnpack_fusions():
+  """models/xla_flags.py turns YNNPACK fusions off before XLA starts (they made the CNNs' weight
+  gradients ~3x slower); the compiled train step must show none."""
+  import numpy as np
+  from training.config import Config
+  from training.state import create_train_state, train_step
+  state = create_train_state(create_model("convnet"), Config(), (28, 28, 1), 10)
+  images, labels = np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int32)
+  assert "__ynn_fusion" not in train_step.lower(state, images, labels).compile().as_text()

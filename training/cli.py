@@ -1,5 +1,5 @@
-"""The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`. Each does what
-the Python API does."""
+"""The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`, `bench`. Each does
+what the Python API does."""
 
 import argparse
 import json
@@ -61,9 +61,11 @@ def cmd_train(args) -> int:
   overrides = _train_overrides(args)
   if "dataset" in overrides:
     overrides["dataset"] = data.canonical_name(overrides["dataset"])  # folder:PATH, absolute
-  config = config_lib.default_config(overrides.get("model", "convnet"))
-  config = config_lib.override(config, overrides)
-  workdir = args.workdir or config_lib.default_workdir(config)
+  if args.config:
+    config = config_lib.named_config(args.config, **overrides)
+  else:
+    config = config_lib.default_config(**{"model": "convnet", **overrides})
+  workdir = args.workdir or config_lib.default_workdir(config, args.config)
   if checkpoint.saved_steps(workdir):
     # Continue the saved run: its config is the base, the flags given now change it.
     saved = config_lib.from_dict(checkpoint.read_card(workdir)["config"])
@@ -113,6 +115,21 @@ def cmd_eval(args) -> int:
   return 0
 
 
+def cmd_bench(args) -> int:
+  from benchmarks import report
+  frameworks = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
+  log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
+  result = report.benchmark(model=args.model, batch_size=args.batch_size,
+                            eval_batch_size=args.eval_batch_size, steps=args.steps,
+                            repeats=args.repeats, latency_calls=args.latency_calls,
+                            frameworks=frameworks, memory=not args.no_memory, sweep=args.sweep,
+                            real_data=args.real_data, time_to_accuracy=args.time_to_accuracy,
+                            manual_dir=args.manual_dir, csv_path=args.csv, log=log)
+  if args.json:
+    print(json.dumps(result))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="flaxzoo", description="Flax model zoo: train, evaluate "
                                    "and checkpoint image classifiers on tfds datasets.")
@@ -124,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_models)
 
   p = sub.add_parser("train", help="train a model (continues from WORKDIR's latest checkpoint)")
+  p.add_argument("--config", metavar="NAME", help="a named setup, e.g. fast (>= 99%% on MNIST in "
+                 "one epoch); the other flags override it")
   p.add_argument("--model", help="registered model name (default convnet)")
   p.add_argument("--dataset", help="tfds dataset name (default mnist)")
   p.add_argument("--workdir", help="checkpoints and metrics.jsonl (default checkpoints/<dataset>-<model>)")
@@ -179,6 +198,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir")
   p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
   p.set_defaults(func=cmd_eval)
+
+  p = sub.add_parser("bench", help="JAX against PyTorch eager and torch.compile on this machine")
+  p.add_argument("--model", default="convnet", help="registered model (torch twins: convnet, "
+                 "lenet5, mlp; others with --frameworks jax)")
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--eval-batch-size", type=int, default=1024)
+  p.add_argument("--steps", type=int, default=20, help="train steps per timed repeat (20)")
+  p.add_argument("--repeats", type=int, default=7, help="timed repeats per framework; medians (7)")
+  p.add_argument("--latency-calls", type=int, default=200, help="batch-1 calls per framework")
+  p.add_argument("--frameworks", default="jax,torch_eager,torch_compile",
+                 help="comma-separated, among jax, torch_eager, torch_compile")
+  p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS child processes")
+  p.add_argument("--sweep", action="store_true",
+                 help="also: img/s against batch size 32..1024, epoch time against data fraction")
+  p.add_argument("--real-data", action="store_true",
+                 help="also: real MNIST input path against synthetic batches, checkpoint cost")
+  p.add_argument("--time-to-accuracy", action="store_true", help="also: wall time to 99.0%% MNIST "
+                 "test accuracy, flaxzoo train --config fast against a plain PyTorch script")
+  p.add_argument("--manual-dir", help="MNIST raw files (default $FLAXZOO_MANUAL_DIR/mnist)")
+  p.add_argument("--csv", default="results/bench.csv", help="each run appends a row here")
+  p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+  p.set_defaults(func=cmd_bench)
   return parser
 
 

@@ -1,0 +1,240 @@
+"""The whole `flaxzoo bench`: the side-by-side run (`benchmarks.bench`), the optional slow figures,
+a printed summary, and one appended row of `results/bench.csv`."""
+
+import csv
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+import data
+from benchmarks import bench
+from training import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP_BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
+SWEEP_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+TARGET_ACCURACY = 0.99
+
+CSV_COLUMNS = [
+    "date", "model", "device", "matmul_peak_gflops", "batch_size", "jax_version", "torch_version",
+    "jax_train_img_s", "torch_eager_train_img_s", "torch_compile_train_img_s",
+    "train_ratio_vs_torch_eager", "train_ratio_vs_torch_compile",
+    "jax_eval_img_s", "torch_eager_eval_img_s", "torch_compile_eval_img_s",
+    "eval_ratio_vs_torch_eager", "eval_ratio_vs_torch_compile",
+    "jax_latency_p50_ms", "torch_eager_latency_p50_ms", "torch_compile_latency_p50_ms",
+    "jax_latency_p99_ms", "torch_eager_latency_p99_ms", "torch_compile_latency_p99_ms",
+    "jax_first_train_step_s", "torch_eager_first_train_step_s", "torch_compile_first_train_step_s",
+    "jax_train_pct_of_matmul_peak", "torch_eager_train_pct_of_matmul_peak",
+    "torch_compile_train_pct_of_matmul_peak",
+    "jax_peak_rss_mb", "torch_eager_peak_rss_mb", "torch_compile_peak_rss_mb",
+    "real_data_ratio", "checkpoint_cost_pct",
+    "jax_fast_seconds_to_99", "jax_fast_test_accuracy", "torch_script_seconds_to_99",
+    "torch_script_test_accuracy", "time_to_99_ratio_torch_over_jax",
+]
+
+
+def mnist_manual_dir(manual_dir: str | None) -> str | None:
+  if manual_dir:
+    return manual_dir
+  root = os.environ.get(data.MANUAL_DIR_ENV)
+  return str(Path(root) / "mnist") if root else None
+
+
+def load_mnist(manual_dir):
+  """Real MNIST train/test arrays, prepared through tfds like every training run."""
+  dataset = data.load_dataset("mnist", manual_dir=mnist_manual_dir(manual_dir))
+  return dataset.splits["train"], dataset.splits["test"]
+
+
+def batch_size_sweep(model_name: str, frameworks, repeats: int, log) -> dict:
+  """Train img/s for each batch size in SWEEP_BATCH_SIZES (torch.compile left out: it recompiles
+  for every shape)."""
+  sweep = {}
+  for batch_size in SWEEP_BATCH_SIZES:
+    jax_runner = bench.JaxRunner(model_name, batch_size, 10_000)
+    runners = [jax_runner] + [bench.TorchRunner(jax_runner, False, 10_000)
+                              for f in frameworks if f == "torch_eager"]
+    images, labels = bench.synthetic_batch(batch_size)
+    steps = max(2, 2048 // batch_size)
+    for runner in runners:
+      runner.train_steps(images, labels, 2)
+    rates = bench.interleaved_rates(runners, lambda r: r.train_steps(images, labels, steps),
+                                    steps * batch_size, repeats)
+    sweep[batch_size] = rates
+    log(f"  batch {batch_size:5d}: " + ", ".join(f"{k} {v:,.0f} img/s" for k, v in rates.items()))
+  return sweep
+
+
+def real_batches_rate(runner, train_split, batch_size: int, steps: int, epoch: int) -> float:
+  """img/s of `steps` train steps fed by the real input path (`data.train_batches`)."""
+  batches = data.train_batches(*train_split, batch_size, seed=0, epoch=epoch)
+
+  def work():
+    state = runner.state
+    for _, (images, labels) in zip(range(steps), batches):
+      state, _ = bench.train_step(state, images, labels)
+    jax.block_until_ready(state.params)
+    runner.state = state
+
+  return steps * batch_size / bench.timed(work)
+
+
+def real_data_figures(model_name: str, batch_size: int, repeats: int, manual_dir, log) -> dict:
+  """Real-data input path against a fixed synthetic batch (interleaved chunks of steps), and the
+  cost of one checkpoint save (written and waited for) as a share of one epoch's training."""
+  train_split, _ = load_mnist(manual_dir)
+  runner = bench.JaxRunner(model_name, batch_size, 100_000)
+  images, labels = bench.synthetic_batch(batch_size)
+  runner.train_steps(images, labels, 3)
+  steps = 50
+  real, synthetic = [], []
+  for repeat in range(repeats):
+    real.append(real_batches_rate(runner, train_split, batch_size, steps, epoch=repeat))
+    synthetic.append(steps * batch_size / bench.timed(
+        lambda: runner.train_steps(images, labels, steps)))
+  real_rate, synthetic_rate = statistics.median(real), statistics.median(synthetic)
+  epoch_seconds = len(train_split[0]) / real_rate
+
+  saves = []
+  with tempfile.TemporaryDirectory() as workdir:
+    manager = checkpoint.open_manager(workdir)
+    card = {"config": {}, "step": 0}
+    for step in range(1, 6):
+      start = time.perf_counter()
+      checkpoint.save(manager, runner.state.replace(step=step), {**card, "step": step}, 3)
+      checkpoint.wait(manager, 3)
+      saves.append(time.perf_counter() - start)
+    manager.close()
+  save_seconds = statistics.median(saves)
+  result = {"real_data_img_s": real_rate, "synthetic_img_s": synthetic_rate,
+            "real_data_ratio": real_rate / synthetic_rate, "checkpoint_save_s": save_seconds,
+            "epoch_train_s": epoch_seconds, "checkpoint_cost_pct": 100 * save_seconds / epoch_seconds}
+  log(f"  real-data input path {real_rate:,.0f} img/s vs synthetic {synthetic_rate:,.0f} "
+      f"({result['real_data_ratio']:.3f}x); one checkpoint save {save_seconds * 1e3:.0f} ms = "
+      f"{result['checkpoint_cost_pct']:.2f}% of a {epoch_seconds:.1f} s epoch")
+  return result
+
+
+def fraction_sweep(model_name: str, batch_size: int, manual_dir, log) -> dict:
+  """Epoch time (JAX, real input path) on SWEEP_FRACTIONS of the MNIST training set."""
+  train_split, _ = load_mnist(manual_dir)
+  runner = bench.JaxRunner(model_name, batch_size, 100_000)
+  runner.train_steps(*bench.synthetic_batch(batch_size), 3)
+  sweep = {}
+  for fraction in SWEEP_FRACTIONS:
+    count = int(len(train_split[0]) * fraction)
+    part = (train_split[0][:count], train_split[1][:count])
+    steps = data.steps_per_epoch(count, batch_size)
+    rate = real_batches_rate(runner, part, batch_size, steps, epoch=0)
+    sweep[fraction] = {"examples": count, "epoch_s": steps * batch_size / rate, "img_s": rate}
+    log(f"  fraction {fraction:4.2f} ({count:5d} images): epoch {sweep[fraction]['epoch_s']:.1f} s, "
+        f"{rate:,.0f} img/s")
+  return sweep
+
+
+def run_timed(command: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+  start = time.perf_counter()
+  done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+  return time.perf_counter() - start, done
+
+
+def measure_time_to_accuracy(manual_dir, log) -> dict:
+  """Wall time of fresh processes, start-up included, to TARGET_ACCURACY MNIST test accuracy:
+  `flaxzoo train --config fast` (data already prepared and decoded) and the plain
+  PyTorch script `benchmarks.torch_mnist` (reading the raw files)."""
+  raw_dir = mnist_manual_dir(manual_dir)
+  if not raw_dir:
+    raise data.DataError(f"--time-to-accuracy needs the MNIST raw files: pass --manual-dir or set "
+                         f"{data.MANUAL_DIR_ENV} to the folder holding mnist/")
+  load_mnist(manual_dir)  # prepared once, outside the timing (both sides then read local files)
+  result = {}
+  with tempfile.TemporaryDirectory() as tmp:
+    seconds, done = run_timed([sys.executable, "-m", "training", "train", "--config", "fast",
+                               "--workdir", os.path.join(tmp, "fast"), "--manual-dir", raw_dir])
+    if done.returncode != 0:
+      raise RuntimeError(f"flaxzoo train --config fast failed: {done.stderr.strip()[-2000:]}")
+    records = [json.loads(line) for line in (Path(tmp) / "fast" / "metrics.jsonl").read_text().splitlines()]
+    test = [r for r in records if r["split"] == "test"][-1]
+    result.update(jax_fast_seconds_to_99=seconds, jax_fast_test_accuracy=test["accuracy"],
+                  jax_fast_epochs=test["epoch"], jax_fast_reached=test["accuracy"] >= TARGET_ACCURACY)
+    log(f"  flaxzoo train --config fast: {test['accuracy']:.2%} after {test['epoch']} epoch(s), "
+        f"{seconds:.1f} s wall")
+  seconds, done = run_timed([sys.executable, "-m", "benchmarks.torch_mnist", "--mnist-dir", raw_dir,
+                             "--target", str(TARGET_ACCURACY)])
+  if done.returncode != 0:
+    raise RuntimeError(f"benchmarks.torch_mnist failed: {done.stderr.strip()[-2000:]}")
+  torch_run = json.loads(done.stdout.strip().splitlines()[-1])
+  result.update(torch_script_seconds_to_99=seconds, torch_script_test_accuracy=torch_run["test_accuracy"],
+                torch_script_epochs=torch_run["epochs"], torch_script_reached=torch_run["reached"])
+  log(f"  plain PyTorch script: {torch_run['test_accuracy']:.2%} after {torch_run['epochs']} "
+      f"epoch(s), {seconds:.1f} s wall")
+  result["time_to_99_ratio_torch_over_jax"] = seconds / result["jax_fast_seconds_to_99"]
+  return result
+
+
+def append_csv(path: Path, result: dict) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  new = not path.exists()
+  with open(path, "a", newline="") as f:
+    writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+    if new:
+      writer.writeheader()
+    writer.writerow({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()})
+
+
+def print_summary(result: dict, log) -> None:
+  names = [n for n in bench.FRAMEWORKS if f"{n}_train_img_s" in result]
+  log(f"\n{result['model']} on {result['device']}, FP32 matmul peak "
+      f"{result['matmul_peak_gflops']:.0f} GFLOP/s (measured in this run)")
+  log(f"{'':34s}" + "".join(f"{n:>15s}" for n in names))
+  rows = [("train img/s (batch %d)" % result["batch_size"], "train_img_s", "{:,.0f}"),
+          ("eval img/s (batch %d)" % result["eval_batch_size"], "eval_img_s", "{:,.0f}"),
+          ("batch-1 latency p50 ms", "latency_p50_ms", "{:.3f}"),
+          ("batch-1 latency p99 ms", "latency_p99_ms", "{:.3f}"),
+          ("first train step s (compile)", "first_train_step_s", "{:.2f}"),
+          ("train GFLOP/s", "train_gflops", "{:.1f}"),
+          ("train % of matmul peak", "train_pct_of_matmul_peak", "{:.1f}"),
+          ("peak RSS MB (training process)", "peak_rss_mb", "{:.0f}")]
+  for label, key, fmt in rows:
+    if f"jax_{key}" in result:
+      log(f"{label:34s}" + "".join(f"{fmt.format(result[f'{n}_{key}']):>15s}" for n in names))
+  for key in ("train_ratio_vs_torch_eager", "train_ratio_vs_torch_compile",
+              "eval_ratio_vs_torch_eager", "eval_ratio_vs_torch_compile",
+              "latency_p50_ratio_vs_torch_eager", "latency_p50_ratio_vs_torch_compile"):
+    if key in result:
+      log(f"{key:34s}{result[key]:15.2f}x")
+
+
+def benchmark(model: str = "convnet", batch_size: int = 128, eval_batch_size: int = 1024,
+          steps: int = 20, repeats: int = 7, latency_calls: int = 200,
+          frameworks=bench.FRAMEWORKS, memory: bool = True, sweep: bool = False,
+          real_data: bool = False, time_to_accuracy: bool = False, manual_dir=None,
+          csv_path="results/bench.csv", log=print) -> dict:
+  """Runs `flaxzoo bench`; returns every figure (also appended as one row of `csv_path`)."""
+  result = {"date": datetime.datetime.now().isoformat(timespec="seconds")}
+  result.update(bench.run_benchmark(model, batch_size, eval_batch_size, steps, repeats,
+                                    latency_calls, frameworks, memory, log))
+  print_summary(result, log)
+  if sweep:
+    log("scalability: train img/s against batch size")
+    result["batch_size_sweep"] = batch_size_sweep(model, frameworks, max(3, repeats // 2), log)
+    log("scalability: epoch time against dataset fraction (JAX, real MNIST)")
+    result["fraction_sweep"] = fraction_sweep(model, batch_size, manual_dir, log)
+  if real_data:
+    log("input path and checkpoint cost (JAX, real MNIST)")
+    result.update(real_data_figures(model, batch_size, repeats, manual_dir, log))
+  if time_to_accuracy:
+    log(f"time to {TARGET_ACCURACY:.1%} MNIST test accuracy (fresh processes, start-up included)")
+    result.update(measure_time_to_accuracy(manual_dir, log))
+  if csv_path:
+    append_csv(Path(csv_path), result)
+    log(f"appended to {csv_path}")
+  return result

@@ -1,0 +1,68 @@
+"""`flaxzoo bench`: the PyTorch twins compute what the zoo models compute, and a tiny benchmark runs
+end to end through the CLI (no speed is asserted: these machines are noisy)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import models
+from benchmarks import bench
+from benchmarks.torch_twins import TWINNED_MODELS, torch_twin
+from training.state import to_model_input
+
+torch = pytest.importorskip("torch", reason="the benchmark extra: pip install -e '.[bench]'")
+
+
+@pytest.mark.parametrize("name", TWINNED_MODELS)
+def test_torch_twin_computes_the_same_logits(name):
+  model = models.create_model(name, num_classes=10)
+  images, _ = bench.synthetic_batch(4)
+  variables = model.init(jax.random.PRNGKey(3), to_model_input(images))
+  expected = np.asarray(model.apply(variables, to_model_input(images)))
+  twin = torch_twin(model, jax.device_get(variables["params"]))
+  with torch.inference_mode():
+    got = twin(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy()
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_torch_twin_of_an_untwinned_model_names_the_supported_ones():
+  model = models.create_model("resnet")
+  with pytest.raises(ValueError, match="convnet, lenet5, mlp.*--frameworks jax"):
+    torch_twin(model, {})
+
+
+def test_frameworks_must_include_jax():
+  with pytest.raises(ValueError, match="must include jax"):
+    bench.run_benchmark(frameworks=("torch_eager",))
+
+
+def test_bench_cli_smoke(tmp_path):
+  """A tiny setting, all three frameworks: the JSON line holds every figure, the CSV a row."""
+  out_csv = tmp_path / "bench.csv"
+  done = subprocess.run(
+      [sys.executable, "-m", "training", "bench", "--model", "mlp", "--batch-size", "16",
+       "--eval-batch-size", "32", "--steps", "2", "--repeats", "2", "--latency-calls", "20",
+       "--no-memory", "--json", "--csv", str(out_csv)],
+      capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  for key in ("train_ratio_vs_torch_eager", "train_ratio_vs_torch_compile",
+              "eval_ratio_vs_torch_compile", "device", "matmul_peak_gflops",
+              "jax_latency_p99_ms", "torch_compile_first_train_step_s",
+              "torch_eager_train_pct_of_matmul_peak"):
+    assert key in result, key
+  assert result["train_ratio_vs_torch_eager"] > 0
+  rows = list(csv.DictReader(out_csv.open()))
+  assert len(rows) == 1 and rows[0]["model"] == "mlp"
+  assert float(rows[0]["train_ratio_vs_torch_compile"]) == pytest.approx(
+      result["train_ratio_vs_torch_compile"], rel=1e-3)
+
+
+def test_peak_rss_of_a_training_process():
+  rss = bench.peak_rss_mb("jax", "mlp", batch_size=8, steps=2)
+  assert rss["peak_rss_mb"] >= rss["imports_rss_mb"] > 50  # jax alone takes more than 50 MB
