@@ -78,9 +78,17 @@ class JaxRunner:
     return np.asarray(self.forward(self.state.variables(), image))
 
   def train_step_flops(self, images, labels) -> float:
-    cost = train_step.lower(self.state, images, labels).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost["flops"])
+    return compiled_flops(train_step, self.state, images, labels)
+
+  def eval_flops(self, images) -> float:
+    return compiled_flops(self.forward, self.state.variables(), images)
+
+
+def compiled_flops(jitted, *args) -> float:
+  """FLOPs of one call, from XLA's cost analysis of the compiled program."""
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
 
 
 class TorchRunner:
@@ -139,12 +147,20 @@ def interleaved_rates(runners, work, items_per_call: int, repeats: int) -> dict:
   return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def interleaved_latencies(runners, image, calls: int, chunk: int = 20) -> dict:
-  """Batch-1 latency in ms (p50, p99) per runner over `calls` calls, in alternating chunks."""
+def interleaved_latencies(runners, image, calls: int, rounds: int = 4, warmup: int = 20) -> dict:
+  """Batch-1 latency in ms (p50, p99) per runner: `calls` timed calls in `rounds` blocks per
+  runner, the order of runners alternating from round to round, each block after `warmup` untimed
+  calls. Blocks, not short alternating chunks: right after one framework ran, its thread pool's
+  threads still spin-wait for work and take a core from the other (measured: JAX's p99 went from
+  0.35 ms alone to 3-4 ms in chunks of 20 after PyTorch's), which says nothing about either
+  framework serving requests on its own."""
   samples = {r.name: [] for r in runners}
-  for _ in range(max(calls // chunk, 1)):
-    for runner in runners:
-      for _ in range(chunk):
+  per_block = max(calls // rounds, 1)
+  for round_index in range(rounds):
+    for runner in (runners if round_index % 2 == 0 else runners[::-1]):
+      for _ in range(warmup):
+        runner.predict_one(image)
+      for _ in range(per_block):
         samples[runner.name].append(timed(lambda: runner.predict_one(image)) * 1e3)
   return {name: {"p50": float(np.percentile(v, 50)), "p99": float(np.percentile(v, 99))}
           for name, v in samples.items()}
@@ -227,7 +243,9 @@ def run_benchmark(model_name: str = "convnet", batch_size: int = 128, eval_batch
   evaluation = interleaved_rates(runners, lambda r: r.evaluate(eval_images), eval_batch_size, repeats)
   latency = interleaved_latencies(runners, one_image, latency_calls)
   flops = jax_runner.train_step_flops(images, labels)
+  eval_flops = jax_runner.eval_flops(eval_images)
   result["train_step_gflop"] = flops / 1e9
+  result["eval_batch_gflop"] = eval_flops / 1e9
   for runner in runners:
     name = runner.name
     result[f"{name}_train_img_s"] = train[name]
@@ -237,6 +255,9 @@ def run_benchmark(model_name: str = "convnet", batch_size: int = 128, eval_batch
     gflops = flops * train[name] / batch_size / 1e9
     result[f"{name}_train_gflops"] = gflops
     result[f"{name}_train_pct_of_matmul_peak"] = 100 * gflops / result["matmul_peak_gflops"]
+    eval_gflops = eval_flops * evaluation[name] / eval_batch_size / 1e9
+    result[f"{name}_eval_gflops"] = eval_gflops
+    result[f"{name}_eval_pct_of_matmul_peak"] = 100 * eval_gflops / result["matmul_peak_gflops"]
     if memory:
       rss = peak_rss_mb(name, model_name, batch_size, steps)
       result[f"{name}_peak_rss_mb"] = rss["peak_rss_mb"]
@@ -246,6 +267,7 @@ def run_benchmark(model_name: str = "convnet", batch_size: int = 128, eval_batch
       result[f"train_ratio_vs_{other}"] = train["jax"] / train[other]
       result[f"eval_ratio_vs_{other}"] = evaluation["jax"] / evaluation[other]
       result[f"latency_p50_ratio_vs_{other}"] = latency[other]["p50"] / latency["jax"]["p50"]
+      result[f"latency_p99_ratio_vs_{other}"] = latency[other]["p99"] / latency["jax"]["p99"]
   return result
 
 

@@ -181,7 +181,10 @@ def _decode_images(encoded: list[bytes], image_shape) -> np.ndarray:
 
 
 def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
-  builder = _builder(name, data_dir or default_data_dir())
+  return _info_of(name, _builder(name, data_dir or default_data_dir()))
+
+
+def _info_of(name: str, builder) -> DatasetInfo:
   features = builder.info.features
   image = features["image"] if "image" in features else None
   label = features["label"] if "label" in features else None
@@ -213,11 +216,12 @@ def load_split(name: str, split: str, data_dir: str | None = None,
 @functools.lru_cache(maxsize=8)
 def _load_split_cached(name: str, split: str, data_dir: str, limit: int | None):
   tfds = _tfds()
-  info = dataset_info(name, data_dir)
+  builder = _builder(name, data_dir)
+  info = _info_of(name, builder)
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
   count = len(source) if limit is None else min(limit, len(source))
-  cache_dir = Path(_builder(name, data_dir).data_dir) / DECODED_CACHE
+  cache_dir = Path(builder.data_dir) / DECODED_CACHE
   cached = _read_decoded(cache_dir, split, len(source))
   if cached is not None:
     images, labels = cached[0][:count], cached[1][:count]

@@ -4,10 +4,13 @@ jaxlib 0.10 hands convolutions and dots to YNNPACK fusions by default. On the zo
 weight gradients (a convolution reducing over batch x height x width into a 3x3 kernel) ran ~3x
 slower than XLA's own Eigen convolutions: the ConvNet's train step went from 0.7x to 1.0x PyTorch
 eager with YNNPACK off (measurements: docs/benchmarks.md). A user's own XLA_FLAGS setting of the same
-flag wins; `FLAXZOO_KEEP_XLA_FLAGS=1` leaves XLA_FLAGS untouched.
+flag wins; `FLAXZOO_KEEP_XLA_FLAGS=1` leaves XLA_FLAGS untouched. XLA reads XLA_FLAGS once, when
+JAX first computes: a program that computed before importing `models` gets a warning saying so.
 """
 
 import os
+import sys
+import warnings
 
 FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # empty: no YNNPACK fusions
 
@@ -17,5 +20,23 @@ def apply() -> None:
     return
   current = os.environ.get("XLA_FLAGS", "")
   extra = [f"--{name}={value}" for name, value in FLAGS.items() if f"--{name}=" not in current]
-  if extra:
-    os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+  if not extra:
+    return
+  if _xla_started():
+    warnings.warn(
+        "flaxzoo: JAX started XLA before `models` was imported, so XLA:CPU keeps its YNNPACK "
+        "fusions and the zoo's CNNs train up to 3x slower; import flaxzoo's models (or set "
+        f"XLA_FLAGS={' '.join(extra)}) before the first JAX computation", stacklevel=3)
+    return
+  os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
+def _xla_started() -> bool:
+  """Whether this process already created XLA's clients (XLA_FLAGS is read only then)."""
+  if "jax" not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge
+    return xla_bridge.backends_are_initialized()
+  except (ImportError, AttributeError):  # a jax without this private helper: assume not
+    return False

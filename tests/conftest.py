@@ -11,6 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory) -> Path:
+  """One jax compilation cache for the session's processes (this one and every child run),
+  instead of the user's ~/.cache: tests stay hermetic, and a child re-running a program another
+  test compiled loads it, as a restarted run does."""
+  from training import compile_cache
+  path = tmp_path_factory.mktemp("jax-compilation-cache")
+  os.environ[compile_cache.CACHE_ENV] = str(path)
+  return path
+
+
 def raw_mnist_dir() -> Path | None:
   candidates = [ROOT.parent / "shared" / "data" / "mnist"]
   if os.environ.get("FLAXZOO_MANUAL_DIR"):

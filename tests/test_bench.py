@@ -54,13 +54,28 @@ def test_bench_cli_smoke(tmp_path):
   for key in ("train_ratio_vs_torch_eager", "train_ratio_vs_torch_compile",
               "eval_ratio_vs_torch_compile", "device", "matmul_peak_gflops",
               "jax_latency_p99_ms", "torch_compile_first_train_step_s",
-              "torch_eager_train_pct_of_matmul_peak"):
+              "torch_eager_train_pct_of_matmul_peak", "jax_eval_pct_of_matmul_peak",
+              "latency_p99_ratio_vs_torch_compile"):
     assert key in result, key
   assert result["train_ratio_vs_torch_eager"] > 0
   rows = list(csv.DictReader(out_csv.open()))
   assert len(rows) == 1 and rows[0]["model"] == "mlp"
   assert float(rows[0]["train_ratio_vs_torch_compile"]) == pytest.approx(
       result["train_ratio_vs_torch_compile"], rel=1e-3)
+
+
+def test_csv_written_before_a_column_was_added_keeps_its_rows(tmp_path):
+  from benchmarks import report
+  path = tmp_path / "bench.csv"
+  old_columns = report.CSV_COLUMNS[:-3]
+  path.write_text(",".join(old_columns) + "\n" + ",".join(
+      "convnet" if c == "model" else "1.5" if c == "jax_train_img_s" else "" for c in old_columns)
+      + "\n")
+  report.append_csv(path, {"model": "mlp", "jax_train_img_s": 2.0, "jax_fast_cached_seconds_to_99": 9.0})
+  rows = list(csv.DictReader(path.open()))
+  assert list(rows[0]) == report.CSV_COLUMNS
+  assert [(r["model"], r["jax_train_img_s"], r["jax_fast_cached_seconds_to_99"]) for r in rows] == [
+      ("convnet", "1.5", ""), ("mlp", "2.0", "9.0")]
 
 
 def test_peak_rss_of_a_training_process():

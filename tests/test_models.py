@@ -80,3 +80,19 @@ def test_xla_runs_without_ynnpack_fusions():
   state = create_train_state(create_model("convnet"), Config(), (28, 28, 1), 10)
   images, labels = np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int32)
   assert "__ynn_fusion" not in train_step.lower(state, images, labels).compile().as_text()
+
+
+def test_importing_models_after_jax_computed_warns_that_the_flags_cannot_apply():
+  import os
+  import subprocess
+  import sys
+  from conftest import ROOT
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLAXZOO_KEEP_XLA_FLAGS")}
+  program = "import jax.numpy as jnp; jnp.ones(2).sum(); import models"
+  late = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT,
+                        env=dict(env, PYTHONPATH=str(ROOT)), timeout=120)
+  assert late.returncode == 0 and "JAX started XLA before `models` was imported" in late.stderr
+  early = subprocess.run([sys.executable, "-W", "error", "-c", "import models; import jax.numpy as jnp; "
+                          "jnp.ones(2).sum()"], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(env, PYTHONPATH=str(ROOT)), timeout=120)
+  assert early.returncode == 0, early.stderr

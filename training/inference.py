@@ -11,6 +11,7 @@ import numpy as np
 from data import images as image_lib
 from data.datasets import DataError
 from training import checkpoint
+from training import compile_cache
 from training.config import dataset_slug
 from training.state import predict_step
 
@@ -29,6 +30,7 @@ def predict_files(workdir, paths, top_k: int = 5, step: int | None = None):
   (the others are still predicted). Images are converted to the model's input shape; when any is,
   that is stated once on stderr.
   """
+  compile_cache.enable()
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
   shape = tuple(card["input_shape"])
   class_names = card["dataset"]["class_names"]
@@ -67,6 +69,7 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
   """
   import data
   from training.train import evaluate
+  compile_cache.enable()
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
   saved = card["config"]
   name = card["dataset"]["name"]

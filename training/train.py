@@ -24,6 +24,7 @@ from tqdm import tqdm
 import data
 import models
 from training import checkpoint
+from training import compile_cache
 from training import config as config_lib
 from training import curves
 from training import finetuning
@@ -199,6 +200,7 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   raises TrainingDiverged without saving.
   """
   workdir = Path(workdir)
+  compile_cache.enable()
   config = dataclasses.replace(config, dataset=data.canonical_name(config.dataset))
   config_lib.validate(config)
   try:  # fail on a bad model name or argument before any data are loaded
