@@ -27,13 +27,12 @@ DISABLED = ("off", "0", "none", "false")
 def machine_fingerprint() -> str:
   """A short hash of this CPU's model name and feature flags, and the jaxlib version."""
   import jaxlib
-  cpu = platform.machine()
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith(("model name", "flags", "Features")):
-        cpu += line
+  try:  # /proc/cpuinfo repeats these lines per core: a set, so the core count plays no part
+    lines = {line for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith(("model name", "flags", "Features"))}
   except OSError:
-    cpu += platform.processor()
+    lines = {platform.processor()}
+  cpu = "|".join([platform.machine(), *sorted(lines)])
   return hashlib.sha256(f"{cpu}|jaxlib {jaxlib.__version__}".encode()).hexdigest()[:16]
 
 
