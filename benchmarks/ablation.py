@@ -1,12 +1,14 @@
-"""What each JAX training-speed change bought, measured side by side: the ConvNet's train step with
-linen's `max_pool` or `models.layers.max_pool_2x2`, each with XLA:CPU's YNNPACK fusions on (jaxlib's
-default) or off (flaxzoo's setting, models/xla_flags.py), against PyTorch eager in the same process.
+"""What each JAX speed change bought, measured side by side: the ConvNet's train step and its eval
+forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2` and with `nn.Conv` or
+`models.layers.Conv`, under XLA:CPU's YNNPACK fusions on (jaxlib's default) or off (flaxzoo's
+setting, models/xla_flags.py) or any XLA_FLAGS given with --xla-flags, against PyTorch eager in the
+same process.
 
 XLA flags are fixed when XLA starts, so each flag setting runs in its own child process; within a
 process the variants and PyTorch take turns (medians over repeats), and every row is a ratio to the
 PyTorch eager figure measured beside it.
 
-    python -m benchmarks.ablation [--batch-size 128] [--repeats 7]
+    python -m benchmarks.ablation [--batch-size 128] [--repeats 7] [--xla-flags "LABEL=FLAGS" ...]
 """
 
 import argparse
@@ -19,48 +21,72 @@ import sys
 import flax.linen as nn
 
 
-class LinenPoolConvNet(nn.Module):
-  """The ConvNet as it was before: pooling with linen's `max_pool` (reduce_window)."""
+class EarlierConvNet(nn.Module):
+  """The ConvNet as it was before a change: nn.Conv instead of layers.Conv, and optionally linen's
+  `max_pool` (reduce_window) instead of layers.max_pool_2x2."""
   num_classes: int = 10
+  linen_pool: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    from models import layers
+    pool = (lambda x: nn.max_pool(x, (2, 2), (2, 2))) if self.linen_pool else layers.max_pool_2x2
     for width in (16, 32):
-      x = nn.max_pool(nn.relu(nn.Conv(width, (3, 3))(x)), (2, 2), (2, 2))
+      x = pool(nn.relu(nn.Conv(width, (3, 3))(x)))
     x = nn.relu(nn.Dense(128)(x.reshape((x.shape[0], -1))))
     return nn.Dense(self.num_classes, name="head")(x)
 
 
-def measure(batch_size: int, repeats: int, steps: int = 20) -> dict:
+def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int = 1024) -> dict:
+  """Train (batch `batch_size`) and eval (batch `eval_batch_size`) img/s of each ConvNet variant and
+  of PyTorch eager, in turns; medians over `repeats`."""
   import jax
   from benchmarks import bench
-  from training.state import create_train_state, train_step
+  from training.state import create_train_state, to_model_input, train_step
 
   images, labels = bench.synthetic_batch(batch_size)
+  eval_images, _ = bench.synthetic_batch(eval_batch_size, seed=1)
   runner = bench.JaxRunner("convnet", batch_size, 10_000)
-  states = {"reshape max_pool_2x2": runner.state,
-            "linen max_pool": create_train_state(LinenPoolConvNet(), runner.config,
-                                                 bench.MNIST_SHAPE, 10_000)}
+  variants = {"linen max_pool, nn.Conv": EarlierConvNet(linen_pool=True),
+              "max_pool_2x2, nn.Conv": EarlierConvNet(),
+              "max_pool_2x2, layers.Conv (now)": runner.model}
+  states = {name: create_train_state(model, runner.config, bench.MNIST_SHAPE, 10_000)
+            for name, model in variants.items()}
+  forwards = {name: jax.jit(lambda v, x, model=model: model.apply(v, to_model_input(x)))
+              for name, model in variants.items()}
   torch_runner = bench.TorchRunner(runner, compiled=False, total_steps=10_000)
 
-  def jax_steps(name):
+  def jax_train(name):
     state = states[name]
     for _ in range(steps):
       state, _ = train_step(state, images, labels)
     jax.block_until_ready(state.params)
     states[name] = state
 
-  for name in states:
-    jax_steps(name)
-  torch_runner.train_steps(images, labels, 2)
-  rates = {name: [] for name in [*states, "torch eager"]}
+  def jax_eval(name, calls=5):
+    for _ in range(calls):
+      forwards[name](states[name].variables(), eval_images).block_until_ready()
+
+  def torch_eval(calls=5):
+    for _ in range(calls):
+      torch_runner.evaluate(eval_images)
+
+  work = {}
+  for name in variants:
+    work[f"train: {name}"] = (steps * batch_size, lambda name=name: jax_train(name))
+    work[f"eval: {name}"] = (5 * eval_batch_size, lambda name=name: jax_eval(name))
+  work["train: torch eager"] = (steps * batch_size,
+                                lambda: torch_runner.train_steps(images, labels, steps))
+  work["eval: torch eager"] = (5 * eval_batch_size, torch_eval)
+  for _, fn in work.values():
+    fn()  # compile and warm up, untimed
+  rates = {name: [] for name in work}
   for _ in range(repeats):
-    for name in states:
-      rates[name].append(steps * batch_size / bench.timed(lambda: jax_steps(name)))
-    rates["torch eager"].append(steps * batch_size / bench.timed(
-        lambda: torch_runner.train_steps(images, labels, steps)))
+    for name, (count, fn) in work.items():
+      rates[name].append(count / bench.timed(fn))
   medians = {name: statistics.median(v) for name, v in rates.items()}
-  return {name: {"img_s": rate, "ratio_vs_torch_eager": rate / medians["torch eager"]}
+  return {name: {"img_s": rate,
+                 "ratio_vs_torch_eager": rate / medians[name.split(":")[0] + ": torch eager"]}
           for name, rate in medians.items()}
 
 
@@ -68,23 +94,33 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=7)
-  parser.add_argument("--child", choices=("ynn-on", "ynn-off"), help=argparse.SUPPRESS)
+  parser.add_argument("--xla-flags", action="append", default=[], metavar="LABEL=FLAGS",
+                      help="also run with exactly these XLA_FLAGS (flaxzoo's own left out)")
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     print(json.dumps(measure(args.batch_size, args.repeats)))
     return
   from benchmarks import machine
   print(machine.machine_line())
-  for setting, env in (("YNNPACK fusions on (jaxlib default)", {"FLAXZOO_KEEP_XLA_FLAGS": "1"}),
-                       ("YNNPACK fusions off (flaxzoo)", {})):
-    child_env = {k: v for k, v in os.environ.items() if k != "FLAXZOO_KEEP_XLA_FLAGS"}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.ablation", "--child",
-                           "ynn-on" if env else "ynn-off", "--batch-size", str(args.batch_size),
-                           "--repeats", str(args.repeats)],
-                          capture_output=True, text=True, check=True, env={**child_env, **env})
+  base_env = {k: v for k, v in os.environ.items() if k not in ("FLAXZOO_KEEP_XLA_FLAGS", "XLA_FLAGS")}
+  settings = [("YNNPACK fusions on (jaxlib default)", {"FLAXZOO_KEEP_XLA_FLAGS": "1"}),
+              ("YNNPACK fusions off (flaxzoo)", {})]
+  for variant in args.xla_flags:
+    label, flags = (variant, variant) if variant.startswith("--") else variant.split("=", 1)
+    settings.append((label, {"FLAXZOO_KEEP_XLA_FLAGS": "1", "XLA_FLAGS": flags}))
+  for setting, env in settings:
+    done = subprocess.run([sys.executable, "-m", "benchmarks.ablation", "--child", "--batch-size",
+                           str(args.batch_size), "--repeats", str(args.repeats)],
+                          capture_output=True, text=True, env={**base_env, **env})
+    if done.returncode != 0:
+      lines = done.stderr.strip().splitlines() or ["no output"]
+      reason = next((l for l in lines if "error" in l.lower() or "unknown" in l.lower()), lines[-1])
+      print(f"{setting:38s} failed: {reason.strip()}")
+      continue
     for name, row in json.loads(done.stdout.strip().splitlines()[-1]).items():
-      print(f"{setting:38s} {name:22s} {row['img_s']:8,.0f} img/s  "
-            f"{row['ratio_vs_torch_eager']:.2f}x torch eager")
+      print(f"{setting:38s} {name:38s} {row['img_s']:8,.0f} img/s  "
+            f"{row['ratio_vs_torch_eager']:.2f}x torch eager", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ def cpu_description() -> dict:
   except OSError:
     pass
   simd = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "no-avx2"
-  return {"cpu": model, "cores": os.cpu_count(), "simd": simd}
+  # The cores this process may run on (taskset, cgroups' cpusets), not all the machine has: both
+  # XLA's and PyTorch's thread pools size themselves to these.
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return {"cpu": model, "cores": cores, "simd": simd}
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:

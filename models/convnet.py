@@ -21,7 +21,7 @@ class ConvNet(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     del train  # no dropout or BatchNorm: train and eval mode are the same
     for width in self.widths:
-      x = nn.Conv(width, kernel_size=(3, 3))(x)
+      x = layers.Conv(width, kernel_size=(3, 3))(x)
       x = nn.relu(x)
       x = layers.max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))

@@ -40,6 +40,8 @@ class ResNet(nn.Module):
     if self.depth < 8 or (self.depth - 2) % 6:
       raise ValueError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {self.depth}")
     blocks_per_stage = (self.depth - 2) // 6
+    # nn.Conv, not layers.Conv: with BatchNorm after it, XLA fuses the matrix-product form
+    # differently and ResNet's training would no longer repeat its published runs bit for bit.
     x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
     for stage, width in enumerate(self.widths):

@@ -5,6 +5,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from models import layers
 from models.registry import register_model
 
 
@@ -47,10 +48,10 @@ class ViTTiny(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     if self.stem == "conv":  # "early convolutions help transformers see better" (Xiao et al., 2021)
       for i, width in enumerate(self.stem_widths):
-        x = nn.relu(nn.Conv(width, (3, 3), strides=2, name=f"stem_{i}")(x))
-      x = nn.Conv(self.dim, (1, 1), name="patch_embed")(x)
+        x = nn.relu(layers.Conv(width, (3, 3), strides=2, name=f"stem_{i}")(x))
+      x = layers.Conv(self.dim, (1, 1), name="patch_embed")(x)
     elif self.stem == "patch":  # the original: one linear projection per non-overlapping patch
-      x = nn.Conv(self.dim, (self.patch, self.patch), strides=self.patch, padding="VALID",
+      x = layers.Conv(self.dim, (self.patch, self.patch), strides=self.patch, padding="VALID",
                   name="patch_embed")(x)
     else:
       raise ValueError(f"vit_tiny stem must be 'conv' or 'patch', got {self.stem!r}")

@@ -81,3 +81,15 @@ def test_csv_written_before_a_column_was_added_keeps_its_rows(tmp_path):
 def test_peak_rss_of_a_training_process():
   rss = bench.peak_rss_mb("jax", "mlp", batch_size=8, steps=2)
   assert rss["peak_rss_mb"] >= rss["imports_rss_mb"] > 50  # jax alone takes more than 50 MB
+
+
+def test_op_profile_times_the_same_ops_in_both_frameworks():
+  """benchmarks/op_profile.py: every op of the ConvNet's step gets a JAX and a PyTorch time (the
+  two sides compute the same op: the FLOPs are shared), and the whole step is the last row."""
+  from benchmarks import op_profile
+  rows = op_profile.profile(batch=2, repeats=1, calls=1)
+  ops = [row["op"] for row in rows]
+  assert ops[-1] == "train step (whole)" and "conv1 forward, layers.conv" in ops
+  assert {"conv2 forward", "conv2 input grad", "conv2 kernel grad", "dense1 forward"} <= set(ops)
+  for row in rows:
+    assert row["jax_ms"] > 0 and row["torch_eager_ms"] > 0 and row["gflop"] > 0, row

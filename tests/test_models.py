@@ -71,6 +71,30 @@ def test_max_pool_2x2_matches_linen_values_and_gradients(shape):
   assert jnp.array_equal(grad(max_pool_2x2), grad(linen))
 
 
+@pytest.mark.parametrize("features, kernel, padding, in_channels", [
+    (16, (3, 3), "SAME", 1), (6, (5, 5), "SAME", 1), (16, (5, 5), "VALID", 1),
+    (8, (3, 3), ((2, 0), (1, 1)), 1),
+    (8, (3, 3), "SAME", 3),  # more than one input channel: lax's convolution itself
+])
+def test_conv_layer_matches_nn_conv_bit_for_bit(features, kernel, padding, in_channels):
+  """layers.Conv computes a one-channel convolution's forward pass as a matrix product, for speed;
+  its parameters, outputs and gradients must be nn.Conv's to the bit, so that every published run
+  repeats exactly."""
+  import flax.linen as nn
+  from models import layers
+  x = jax.random.uniform(jax.random.PRNGKey(0), (16, 28, 28, in_channels))
+  plain, fast = nn.Conv(features, kernel, padding=padding), layers.Conv(features, kernel, padding=padding)
+  variables = plain.init(jax.random.PRNGKey(1), x)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, variables, fast.init(jax.random.PRNGKey(1), x)))
+  apply = lambda module: jax.jit(module.apply)  # noqa: E731
+  assert jnp.array_equal(apply(fast)(variables, x), apply(plain)(variables, x))
+  grad = lambda module: jax.jit(jax.grad(  # noqa: E731
+      lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x)) ** 2), argnums=(0, 1)))(variables, x)
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, grad(fast), grad(plain)))
+  has_convolution = "convolution(" in jax.jit(fast.apply).lower(variables, x).as_text(dialect="hlo")
+  assert has_convolution == (in_channels > 1)  # the matrix-product form is the one that runs
+
+
 def test_xla_runs_without_ynnpack_fusions():
   """models/xla_flags.py turns YNNPACK fusions off before XLA starts (they made the CNNs' weight
   gradients ~3x slower); the compiled train step must show none."""
