@@ -152,6 +152,7 @@ def test_unknown_or_mistyped_override_is_rejected():
 def test_named_config_fast_and_overrides():
   from training.config import NAMED_CONFIGS, default_workdir, named_config
   fast = named_config("fast")
-  assert (fast.model, fast.epochs, fast.batch_size) == ("convnet", 1, NAMED_CONFIGS["fast"]["batch_size"])
-  assert named_config("fast", epochs=2, model="lenet5").epochs == 2  # flags beside --config win
+  assert (fast.model, fast.epochs, fast.batch_size) == ("convnet", NAMED_CONFIGS["fast"]["epochs"],
+                                                        NAMED_CONFIGS["fast"]["batch_size"])
+  assert named_config("fast", epochs=5, model="lenet5").epochs == 5  # flags beside --config win
   assert default_workdir(fast, "fast") == "checkpoints/mnist-convnet-fast"  # not the main run's

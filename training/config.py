@@ -91,9 +91,10 @@ def default_config(model: str = "convnet", **overrides) -> Config:
 
 # `flaxzoo train --config NAME`: whole training setups; flags given beside --config override them.
 NAMED_CONFIGS = {
-    # >= 99.0 % MNIST test accuracy in the least wall time on a 2-core CPU: one epoch on a one-cycle
-    # schedule (docs/benchmarks.md has the measured runs and how they were chosen).
-    "fast": dict(model="convnet", epochs=1, batch_size=64, learning_rate=1e-2,
+    # >= 99.0 % MNIST test accuracy, whatever the seed, in the least wall time on a 2-core CPU: two
+    # epochs on a one-cycle schedule. One epoch (batch 64) lands at 99.0 +- 0.05 % and missed the
+    # target at some seeds and on AVX-512 numerics; docs/benchmarks.md has the measured runs.
+    "fast": dict(model="convnet", epochs=2, batch_size=128, learning_rate=1.5e-2,
                  warmup_fraction=0.2),
 }
 
