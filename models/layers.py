@@ -35,10 +35,11 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
       jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision)
-  nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
   ones = lambda dims: dims is None or all(d == 1 for d in dims)  # noqa: E731
-  if not (lhs.ndim == 4 and rhs.shape[2] == 1 and lhs.dtype == rhs.dtype == jnp.float32
-          and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
+  if not (lhs.ndim == 4 and rhs.ndim == 4 and rhs.shape[2] == 1
+          and lhs.dtype == rhs.dtype == jnp.float32
+          and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+          == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
           and ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
           and feature_group_count == 1 and precision is None):
     return plain(lhs, rhs)

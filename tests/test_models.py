@@ -95,6 +95,15 @@ def test_conv_layer_matches_nn_conv_bit_for_bit(features, kernel, padding, in_ch
   assert has_convolution == (in_channels > 1)  # the matrix-product form is the one that runs
 
 
+def test_conv_layer_leaves_other_convolutions_to_lax():
+  import flax.linen as nn
+  from models import layers
+  for conv, x in [(dict(features=4, kernel_size=(3,)), jnp.ones((2, 10, 1))),  # 1-D
+                  (dict(features=4, kernel_size=(3, 3), strides=2), jnp.ones((2, 8, 8, 1)))]:
+    variables = nn.Conv(**conv).init(jax.random.PRNGKey(0), x)
+    assert jnp.array_equal(layers.Conv(**conv).apply(variables, x), nn.Conv(**conv).apply(variables, x))
+
+
 def test_xla_runs_without_ynnpack_fusions():
   """models/xla_flags.py turns YNNPACK fusions off before XLA starts (they made the CNNs' weight
   gradients ~3x slower); the compiled train step must show none."""
