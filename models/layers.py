@@ -21,11 +21,19 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   return x.reshape(n, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
 
 
+# Output positions (N * H' * W') up to which a convolution with several input channels is computed
+# as a matrix product too. XLA:CPU hands even a batch-1 convolution to its thread pool, and waking
+# the other core cost more than the convolution (14x14x16->32 at batch 1: 86 us against 24 us on a
+# 2-core AVX-512 machine); the product of so few rows runs on the calling thread. From batch 2 on
+# (392 positions) XLA's own convolution was faster (docs/benchmarks.md, "Batch-1 latency").
+SMALL_CONV_POSITIONS = 256
+
+
 def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
          dimension_numbers=None, feature_group_count=1, precision=None):
   """`lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=conv)`: the same parameters,
-  values and gradients, with a one-input-channel convolution's forward pass computed as one matrix
-  product over the kernel's shifted windows.
+  values and gradients, with the forward pass of a one-input-channel convolution, or of a small
+  one (`SMALL_CONV_POSITIONS`), computed as one matrix product over the kernel's shifted windows.
 
   XLA:CPU runs a convolution with one input channel (an MNIST model's first layer) at ~8 GFLOP/s,
   5.6x slower than PyTorch's (benchmarks/op_profile.py). As a matrix product its forward pass costs
@@ -36,8 +44,7 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision)
   ones = lambda dims: dims is None or all(d == 1 for d in dims)  # noqa: E731
-  if not (lhs.ndim == 4 and rhs.ndim == 4 and rhs.shape[2] == 1
-          and lhs.dtype == rhs.dtype == jnp.float32
+  if not (lhs.ndim == 4 and rhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
           and ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
@@ -45,19 +52,25 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
     return plain(lhs, rhs)
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-  return _single_channel_conv(lhs, rhs, tuple(tuple(int(p) for p in pair) for pair in padding))
+  padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+  (top, bottom), (left, right) = padding
+  positions = (lhs.shape[0] * (lhs.shape[1] + top + bottom - rhs.shape[0] + 1)
+               * (lhs.shape[2] + left + right - rhs.shape[1] + 1))
+  if rhs.shape[2] > 1 and positions > SMALL_CONV_POSITIONS:
+    return plain(lhs, rhs)
+  return _windows_conv(lhs, rhs, padding)
 
 
 def _windows_dot(x, kernel, padding):
-  """The convolution of (N, H, W, 1) `x` with (KH, KW, 1, C) `kernel` as (N, H', W', KH*KW) windows
-  times (KH*KW, C)."""
+  """The convolution of (N, H, W, C) `x` with (KH, KW, C, F) `kernel` as (N, H', W', KH*KW*C)
+  windows times (KH*KW*C, F)."""
   (top, bottom), (left, right) = padding
-  kh, kw, _, channels = kernel.shape
-  padded = jnp.pad(x[..., 0], ((0, 0), (top, bottom), (left, right)))
+  kh, kw, in_channels, features = kernel.shape
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
   out_h, out_w = padded.shape[1] - kh + 1, padded.shape[2] - kw + 1
-  windows = jnp.stack([padded[:, i:i + out_h, j:j + out_w] for i in range(kh) for j in range(kw)],
-                      axis=-1)
-  return windows @ kernel.reshape(kh * kw, channels)
+  windows = jnp.concatenate(
+      [padded[:, i:i + out_h, j:j + out_w] for i in range(kh) for j in range(kw)], axis=-1)
+  return windows @ kernel.reshape(kh * kw * in_channels, features)
 
 
 def _conv_nhwc(x, kernel, padding):
@@ -66,21 +79,21 @@ def _conv_nhwc(x, kernel, padding):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _single_channel_conv(x, kernel, padding):
+def _windows_conv(x, kernel, padding):
   return _windows_dot(x, kernel, padding)
 
 
-def _single_channel_conv_fwd(x, kernel, padding):
+def _windows_conv_fwd(x, kernel, padding):
   return _windows_dot(x, kernel, padding), (x, kernel)
 
 
-def _single_channel_conv_bwd(padding, residuals, grad):
+def _windows_conv_bwd(padding, residuals, grad):
   # XLA's own convolution gradients, so that training takes exactly the steps it took before.
   x, kernel = residuals
   return jax.vjp(lambda x, kernel: _conv_nhwc(x, kernel, padding), x, kernel)[1](grad)
 
 
-_single_channel_conv.defvjp(_single_channel_conv_fwd, _single_channel_conv_bwd)
+_windows_conv.defvjp(_windows_conv_fwd, _windows_conv_bwd)
 
 
 # nn.Conv computing with `conv`: same parameter names, initialisation and results as nn.Conv.

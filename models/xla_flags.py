@@ -6,6 +6,12 @@ slower than XLA's own Eigen convolutions: the ConvNet's train step went from 0.7
 eager with YNNPACK off (measurements: docs/benchmarks.md). A user's own XLA_FLAGS setting of the same
 flag wins; `FLAXZOO_KEEP_XLA_FLAGS=1` leaves XLA_FLAGS untouched. XLA reads XLA_FLAGS once, when
 JAX first computes: a program that computed before importing `models` gets a warning saying so.
+
+CPU programs also run on the calling thread (`jax_cpu_enable_async_dispatch=False`): handing each
+one to a worker thread and waking the caller afterwards cost ~55 us per call on a 2-core machine,
+more than a batch-1 forward pass's own arithmetic, while the train steps' rate did not change
+(docs/benchmarks.md, "Batch-1 latency"). A JAX_CPU_ENABLE_ASYNC_DISPATCH in the environment, or
+FLAXZOO_KEEP_XLA_FLAGS=1, keeps jax's own setting.
 """
 
 import os
@@ -18,6 +24,9 @@ FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # empty: no YNNPACK fusion
 def apply() -> None:
   if os.environ.get("FLAXZOO_KEEP_XLA_FLAGS"):
     return
+  if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ and not _xla_started():
+    import jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   current = os.environ.get("XLA_FLAGS", "")
   extra = [f"--{name}={value}" for name, value in FLAGS.items() if f"--{name}=" not in current]
   if not extra:

@@ -226,7 +226,7 @@ def test_a_failed_save_keeps_the_committed_checkpoints(tmp_path, mnist_data_dir,
   assert result.returncode == 2, result.stderr
   errors = [l for l in result.stderr.splitlines() if l.startswith("flaxzoo: error:")]
   assert len(errors) == 1 and "saving step 12" in errors[0], result.stderr
-  assert "Traceback" not in result.stderr and "File too large" in errors[0]
+  assert "Traceback" not in result.stderr and "File too large" in errors[0], result.stderr
   assert "the committed checkpoints (4, 8, 10) are intact" in errors[0]
   assert {s: tree_snapshot(workdir / str(s)) for s in (4, 8, 10)} == before
   assert training.load_checkpoint(workdir)[2]["step"] == 10

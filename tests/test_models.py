@@ -1,4 +1,5 @@
 import jax
+import numpy as np
 import jax.numpy as jnp
 import pytest
 
@@ -71,18 +72,21 @@ def test_max_pool_2x2_matches_linen_values_and_gradients(shape):
   assert jnp.array_equal(grad(max_pool_2x2), grad(linen))
 
 
-@pytest.mark.parametrize("features, kernel, padding, in_channels", [
-    (16, (3, 3), "SAME", 1), (6, (5, 5), "SAME", 1), (16, (5, 5), "VALID", 1),
-    (8, (3, 3), ((2, 0), (1, 1)), 1),
-    (8, (3, 3), "SAME", 3),  # more than one input channel: lax's convolution itself
+@pytest.mark.parametrize("features, kernel, padding, in_channels, shape", [
+    (16, (3, 3), "SAME", 1, (16, 28, 28)), (6, (5, 5), "SAME", 1, (16, 28, 28)),
+    (16, (5, 5), "VALID", 1, (16, 28, 28)), (8, (3, 3), ((2, 0), (1, 1)), 1, (16, 28, 28)),
+    (8, (3, 3), "SAME", 3, (16, 28, 28)),  # several input channels, large: lax's convolution
+    # several input channels, at most SMALL_CONV_POSITIONS output positions: the matrix product
+    (32, (3, 3), "SAME", 16, (1, 14, 14)), (8, (3, 3), "VALID", 3, (2, 9, 9)),
+    (16, (5, 5), "SAME", 6, (1, 7, 7)),
 ])
-def test_conv_layer_matches_nn_conv_bit_for_bit(features, kernel, padding, in_channels):
-  """layers.Conv computes a one-channel convolution's forward pass as a matrix product, for speed;
-  its parameters, outputs and gradients must be nn.Conv's to the bit, so that every published run
+def test_conv_layer_matches_nn_conv_bit_for_bit(features, kernel, padding, in_channels, shape):
+  """layers.Conv computes some convolutions' forward pass as a matrix product, for speed; its
+  parameters, outputs and gradients must be nn.Conv's to the bit, so that every published run
   repeats exactly."""
   import flax.linen as nn
   from models import layers
-  x = jax.random.uniform(jax.random.PRNGKey(0), (16, 28, 28, in_channels))
+  x = jax.random.uniform(jax.random.PRNGKey(0), (*shape, in_channels))
   plain, fast = nn.Conv(features, kernel, padding=padding), layers.Conv(features, kernel, padding=padding)
   variables = plain.init(jax.random.PRNGKey(1), x)
   assert jax.tree.all(jax.tree.map(jnp.array_equal, variables, fast.init(jax.random.PRNGKey(1), x)))
@@ -92,7 +96,8 @@ def test_conv_layer_matches_nn_conv_bit_for_bit(features, kernel, padding, in_ch
       lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x)) ** 2), argnums=(0, 1)))(variables, x)
   assert jax.tree.all(jax.tree.map(jnp.array_equal, grad(fast), grad(plain)))
   has_convolution = "convolution(" in jax.jit(fast.apply).lower(variables, x).as_text(dialect="hlo")
-  assert has_convolution == (in_channels > 1)  # the matrix-product form is the one that runs
+  small = np.prod(fast.apply(variables, x).shape[:3]) <= layers.SMALL_CONV_POSITIONS
+  assert has_convolution == (in_channels > 1 and not small)  # the form expected is the one that runs
 
 
 def test_conv_layer_leaves_other_convolutions_to_lax():
@@ -113,6 +118,23 @@ def test_xla_runs_without_ynnpack_fusions():
   state = create_train_state(create_model("convnet"), Config(), (28, 28, 1), 10)
   images, labels = np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int32)
   assert "__ynn_fusion" not in train_step.lower(state, images, labels).compile().as_text()
+
+
+def test_cpu_programs_run_on_the_calling_thread_unless_the_user_says_otherwise():
+  """models/xla_flags.py turns jax's CPU async dispatch off (the hand-off to a worker thread cost
+  more than a batch-1 forward pass); a JAX_CPU_ENABLE_ASYNC_DISPATCH of the user's wins."""
+  import os
+  import subprocess
+  import sys
+  from conftest import ROOT
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("FLAXZOO_KEEP_XLA_FLAGS", "JAX_CPU_ENABLE_ASYNC_DISPATCH")}
+  program = "import models, jax; print(jax.config.values['jax_cpu_enable_async_dispatch'])"
+  for extra, expected in [({}, "False"), ({"JAX_CPU_ENABLE_ASYNC_DISPATCH": "1"}, "True"),
+                          ({"FLAXZOO_KEEP_XLA_FLAGS": "1"}, "True")]:
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT,
+                          env=dict(env, PYTHONPATH=str(ROOT), **extra), timeout=120)
+    assert done.stdout.strip() == expected, (extra, done.stderr[-500:])
 
 
 def test_importing_models_after_jax_computed_warns_that_the_flags_cannot_apply():
