@@ -96,5 +96,17 @@ def _windows_conv_bwd(padding, residuals, grad):
 _windows_conv.defvjp(_windows_conv_fwd, _windows_conv_bwd)
 
 
+def normal(stddev: float = 1e-2):
+  """`nn.initializers.normal(stddev)` with the same bits in a jitted `init` as in an eager one.
+
+  Under jit, XLA folds the scale into the normal sampler's own arithmetic and rounds differently
+  (vit_tiny's pos_embed moved by up to 3.7e-9); the barrier keeps the sample and the scaling apart.
+  """
+  def init(key, shape, dtype=jnp.float32):
+    sample = jax.lax.optimization_barrier(jax.random.normal(key, shape, dtype))
+    return sample * jnp.array(stddev, dtype)
+  return init
+
+
 # nn.Conv computing with `conv`: same parameter names, initialisation and results as nn.Conv.
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv)

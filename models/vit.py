@@ -57,7 +57,7 @@ class ViTTiny(nn.Module):
       raise ValueError(f"vit_tiny stem must be 'conv' or 'patch', got {self.stem!r}")
     batch, height, width, _ = x.shape
     x = x.reshape((batch, height * width, self.dim))
-    x = x + self.param("pos_embed", nn.initializers.normal(0.02), (1, height * width, self.dim))
+    x = x + self.param("pos_embed", layers.normal(0.02), (1, height * width, self.dim))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     for _ in range(self.depth):
       x = EncoderBlock(self.dim, self.heads, self.mlp_dim, self.dropout)(x, train)

@@ -18,7 +18,7 @@ from flax import traverse_util
 import data
 from training import checkpoint
 from training import config as config_lib
-from training.state import param_groups, param_path
+from training.state import init_variables, param_groups, param_path
 
 
 @dataclasses.dataclass
@@ -63,8 +63,7 @@ def load_pretrained(source_workdir, model, input_shape=None, *, step: int | None
   """
   _, source_variables, card = checkpoint.load_checkpoint(source_workdir, step)
   if variables is None:
-    shape = (1, *(input_shape or card["input_shape"]))
-    variables = model.init(jax.random.PRNGKey(seed), jnp.zeros(shape, jnp.float32), train=False)
+    variables = init_variables(model, jax.random.PRNGKey(seed), input_shape or card["input_shape"])
   fresh = traverse_util.flatten_dict(dict(variables), sep="/")
   source = traverse_util.flatten_dict(dict(source_variables), sep="/")
   classes_changed = card["num_classes"] != model.num_classes

@@ -98,9 +98,17 @@ def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransfor
       functools.partial(param_groups, freeze=config.freeze))
 
 
+def init_variables(model: nn.Module, key, input_shape) -> dict:
+  """`model.init` at one example of `input_shape`, as one jitted program. Eagerly, every
+  initializer and op compiled on its own: the ConvNet's init took 2.4 s from a cold start instead
+  of 1.1 s. The bits are the eager ones (tests/test_models.py checks every registered model)."""
+  return jax.jit(lambda key: model.init(key, jnp.zeros((1, *input_shape), jnp.float32),
+                                        train=False))(key)
+
+
 def create_train_state(model: nn.Module, config: Config, input_shape, total_steps: int) -> TrainState:
   init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-  variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+  variables = init_variables(model, init_key, input_shape)
   state = TrainState.create(
       apply_fn=model.apply, params=variables["params"], tx=create_optimizer(config, total_steps),
       batch_stats=variables.get("batch_stats", {}), rng=train_key, compute_dtype=config.dtype,
