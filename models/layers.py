@@ -23,9 +23,10 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
 
 # Output positions (N * H' * W') up to which a convolution with several input channels is computed
 # as a matrix product too. XLA:CPU hands even a batch-1 convolution to its thread pool, and waking
-# the other core cost more than the convolution (14x14x16->32 at batch 1: 86 us against 24 us on a
-# 2-core AVX-512 machine); the product of so few rows runs on the calling thread. From batch 2 on
-# (392 positions) XLA's own convolution was faster (docs/benchmarks.md, "Batch-1 latency").
+# the other core cost more than the convolution (14x14x16->32 at batch 1, async dispatch off, on a
+# 2-core AVX-512 machine: 86 us against 24 us); the product of so few rows runs on the calling
+# thread. From batch 2 on (392 positions) XLA's own convolution was faster (docs/benchmarks.md,
+# "Batch-1 latency on two cores").
 SMALL_CONV_POSITIONS = 256
 
 
