@@ -1,6 +1,6 @@
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import models
@@ -132,34 +132,31 @@ def test_xla_runs_without_ynnpack_fusions():
   assert "__ynn_fusion" not in train_step.lower(state, images, labels).compile().as_text()
 
 
-def test_cpu_programs_run_on_the_calling_thread_unless_the_user_says_otherwise():
-  """models/xla_flags.py turns jax's CPU async dispatch off (the hand-off to a worker thread cost
-  more than a batch-1 forward pass); a JAX_CPU_ENABLE_ASYNC_DISPATCH of the user's wins."""
+def fresh_python(*args: str, **env_overrides: str):
+  """`python *args` in a new process at the project root, with none of the user's XLA or
+  flaxzoo/jax runtime settings unless given here."""
   import os
   import subprocess
   import sys
   from conftest import ROOT
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("FLAXZOO_KEEP_XLA_FLAGS", "JAX_CPU_ENABLE_ASYNC_DISPATCH")}
+  env = {k: v for k, v in os.environ.items() if k not in
+         ("XLA_FLAGS", "FLAXZOO_KEEP_XLA_FLAGS", "JAX_CPU_ENABLE_ASYNC_DISPATCH")}
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                        env=dict(env, PYTHONPATH=str(ROOT), **env_overrides), timeout=120)
+
+
+def test_cpu_programs_run_on_the_calling_thread_unless_the_user_says_otherwise():
+  """models/xla_flags.py turns jax's CPU async dispatch off (the hand-off to a worker thread cost
+  more than a batch-1 forward pass); a JAX_CPU_ENABLE_ASYNC_DISPATCH of the user's wins."""
   program = "import models, jax; print(jax.config.values['jax_cpu_enable_async_dispatch'])"
   for extra, expected in [({}, "False"), ({"JAX_CPU_ENABLE_ASYNC_DISPATCH": "1"}, "True"),
                           ({"FLAXZOO_KEEP_XLA_FLAGS": "1"}, "True")]:
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(env, PYTHONPATH=str(ROOT), **extra), timeout=120)
+    done = fresh_python("-c", program, **extra)
     assert done.stdout.strip() == expected, (extra, done.stderr[-500:])
 
 
 def test_importing_models_after_jax_computed_warns_that_the_flags_cannot_apply():
-  import os
-  import subprocess
-  import sys
-  from conftest import ROOT
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "FLAXZOO_KEEP_XLA_FLAGS")}
-  program = "import jax.numpy as jnp; jnp.ones(2).sum(); import models"
-  late = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, cwd=ROOT,
-                        env=dict(env, PYTHONPATH=str(ROOT)), timeout=120)
+  late = fresh_python("-c", "import jax.numpy as jnp; jnp.ones(2).sum(); import models")
   assert late.returncode == 0 and "JAX started XLA before `models` was imported" in late.stderr
-  early = subprocess.run([sys.executable, "-W", "error", "-c", "import models; import jax.numpy as jnp; "
-                          "jnp.ones(2).sum()"], capture_output=True, text=True, cwd=ROOT,
-                         env=dict(env, PYTHONPATH=str(ROOT)), timeout=120)
+  early = fresh_python("-W", "error", "-c", "import models; import jax.numpy as jnp; jnp.ones(2).sum()")
   assert early.returncode == 0, early.stderr
