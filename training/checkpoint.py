@@ -166,12 +166,17 @@ class _save_errors:
     intact = (f"the committed checkpoints ({', '.join(map(str, committed))}) are intact"
               if committed else "no earlier checkpoint exists")
     what = f"step {self.step}" if self.step is not None else "a checkpoint"
-    reason = _reason(error)
-    os_error = re.search(r"Failed to write [^:]*: ([^\[]+?)\s*\[os_error_code", str(error))
-    if os_error:  # tensorstore's message is mostly a spec; the OS's words are what matters
-      reason = f"{os_error.group(1)}, writing its array data"
-    raise CheckpointError(f"saving {what} in {workdir} failed ({reason}); {intact}. Free disk "
-                          f"space or choose another --workdir, then run again to continue") from error
+    raise CheckpointError(f"saving {what} in {workdir} failed ({_save_reason(error)}); {intact}. "
+                          f"Free disk space or choose another --workdir, then run again to continue"
+                          ) from error
+
+
+def _save_reason(error: Exception) -> str:
+  """The OS's words when tensorstore failed to write a file (its message is mostly a spec, which
+  may stand between those words and the error code), else the error's first line."""
+  os_error = re.search(r"Failed to write [^:]*: ([^\[]+?)\s*\[.*os_error_code", str(error),
+                       re.DOTALL)
+  return f"{os_error.group(1)}, writing its array data" if os_error else _reason(error)
 
 
 def _committed_steps(workdir) -> list[int]:
