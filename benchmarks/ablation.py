@@ -1,7 +1,9 @@
 """What each JAX speed change bought, measured side by side: the ConvNet's train step and its eval
 forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2` and with `nn.Conv` or
 `models.layers.Conv`, under XLA:CPU's YNNPACK fusions on (jaxlib's default) or off (flaxzoo's
-setting, models/xla_flags.py) or any XLA_FLAGS given with --xla-flags, against PyTorch eager in the
+setting, models/xla_flags.py) or any XLA_FLAGS given with --xla-flags, and with glibc mapping large
+blocks as it does by default (its dynamic thresholds at their ceiling: blocks over 32 MB mapped
+fresh on every allocation) instead of flaxzoo's heap-only setting, against PyTorch eager in the
 same process.
 
 XLA flags are fixed when XLA starts, so each flag setting runs in its own child process; within a
@@ -103,8 +105,12 @@ def main() -> None:
     return
   from benchmarks import machine
   print(machine.machine_line())
-  base_env = {k: v for k, v in os.environ.items() if k not in ("FLAXZOO_KEEP_XLA_FLAGS", "XLA_FLAGS")}
+  from models.xla_flags import MALLOC_SETTINGS
+  base_env = {k: v for k, v in os.environ.items()
+              if k not in ("FLAXZOO_KEEP_XLA_FLAGS", "XLA_FLAGS", "GLIBC_TUNABLES", *MALLOC_SETTINGS)}
   settings = [("YNNPACK fusions on (jaxlib default)", {"FLAXZOO_KEEP_XLA_FLAGS": "1"}),
+              ("YNNPACK off, glibc maps blocks > 32 MB", {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                                                          "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}),
               ("YNNPACK fusions off (flaxzoo)", {})]
   for variant in args.xla_flags:
     label, flags = (variant, variant) if variant.startswith("--") else variant.split("=", 1)

@@ -1,4 +1,5 @@
-"""XLA:CPU settings flaxzoo runs with; applied when `models` is imported, before JAX starts XLA.
+"""XLA:CPU and allocator settings flaxzoo runs with; applied when `models` is imported, before JAX
+starts XLA.
 
 jaxlib 0.10 hands convolutions and dots to YNNPACK fusions by default. On the zoo's small CNNs their
 weight gradients (a convolution reducing over batch x height x width into a 3x3 kernel) ran ~3x
@@ -12,8 +13,21 @@ one to a worker thread and waking the caller afterwards cost ~55 us per call on 
 more than a batch-1 forward pass's own arithmetic, while the train steps' rate did not change
 (docs/benchmarks.md, "Batch-1 latency"). A JAX_CPU_ENABLE_ASYNC_DISPATCH in the environment, or
 FLAXZOO_KEEP_XLA_FLAGS=1, keeps jax's own setting.
+
+With glibc, large blocks are served from the heap, and freed memory stays there for the next call
+(`mallopt`: M_MMAP_MAX 0, M_TRIM_THRESHOLD 2 GiB). By default glibc maps a fresh region for every
+block over 32 MB and unmaps it on free, and XLA allocates its buffers anew on every call, so each
+step paid a page fault per 4 kB page of them (strace: an 80 MB map and unmap per ConvNet eval call
+at batch 1024, ~20,000 faults). ResNet and ViT-tiny trained 1.16-1.30x faster at batch 128 without
+that, LeNet-5, the MLP and the ConvNet at batch 128 within 0.96-1.08x; the ConvNet's peak RSS grew
+~17 % (docs/benchmarks.md, "Large blocks and glibc"). A block over 64 MB that one of XLA's worker
+threads allocates is still mapped fresh: a thread's own arena cannot hold it, and one arena for all
+threads made training up to 1.5x slower. glibc's own malloc settings in the environment
+(`MALLOC_SETTINGS`, or glibc.malloc tunables in GLIBC_TUNABLES), or FLAXZOO_KEEP_XLA_FLAGS=1, keep
+glibc's behaviour.
 """
 
+import ctypes
 import os
 import sys
 import warnings
@@ -27,6 +41,8 @@ def apply() -> None:
   if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ and not _xla_started():
     import jax
     jax.config.update("jax_cpu_enable_async_dispatch", False)
+  if not _user_tuned_malloc():
+    _keep_large_blocks_on_the_heap()
   current = os.environ.get("XLA_FLAGS", "")
   extra = [f"--{name}={value}" for name, value in FLAGS.items() if f"--{name}=" not in current]
   if not extra:
@@ -38,6 +54,25 @@ def apply() -> None:
         f"XLA_FLAGS={' '.join(extra)}) before the first JAX computation", stacklevel=3)
     return
   os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
+
+
+MALLOC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                   "MALLOC_TOP_PAD_")
+
+
+def _user_tuned_malloc() -> bool:
+  return (any(name in os.environ for name in MALLOC_SETTINGS)
+          or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""))
+
+
+def _keep_large_blocks_on_the_heap() -> None:
+  try:
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator is left as it is
+    return
+  m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+  mallopt(m_mmap_max, 0)
+  mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def _xla_started() -> bool:

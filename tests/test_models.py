@@ -1,3 +1,5 @@
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,7 +142,9 @@ def fresh_python(*args: str, **env_overrides: str):
   import sys
   from conftest import ROOT
   env = {k: v for k, v in os.environ.items() if k not in
-         ("XLA_FLAGS", "FLAXZOO_KEEP_XLA_FLAGS", "JAX_CPU_ENABLE_ASYNC_DISPATCH")}
+         ("XLA_FLAGS", "FLAXZOO_KEEP_XLA_FLAGS", "JAX_CPU_ENABLE_ASYNC_DISPATCH",
+          "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+          "GLIBC_TUNABLES")}
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
                         env=dict(env, PYTHONPATH=str(ROOT), **env_overrides), timeout=120)
 
@@ -152,6 +156,35 @@ def test_cpu_programs_run_on_the_calling_thread_unless_the_user_says_otherwise()
   for extra, expected in [({}, "False"), ({"JAX_CPU_ENABLE_ASYNC_DISPATCH": "1"}, "True"),
                           ({"FLAXZOO_KEEP_XLA_FLAGS": "1"}, "True")]:
     done = fresh_python("-c", program, **extra)
+    assert done.stdout.strip() == expected, (extra, done.stderr[-500:])
+
+
+MAPPED_BYTES_OF_A_100_MB_ARRAY = """
+import ctypes, sys
+import models
+import numpy as np
+class MallInfo2(ctypes.Structure):
+  _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+if not hasattr(libc, "mallinfo2"):
+  sys.exit(77)
+libc.mallinfo2.restype = MallInfo2
+array = np.ones(100_000_000 // 8)
+print(libc.mallinfo2().hblkhd >= 100_000_000)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_large_blocks_come_from_the_heap_unless_the_user_says_otherwise():
+  """models/xla_flags.py stops glibc mapping (and page-faulting in) a fresh region for every block
+  over 32 MB, as XLA's per-call buffers of a big batch are; the user's MALLOC_* settings win."""
+  for extra, expected in [({}, "False"), ({"MALLOC_MMAP_THRESHOLD_": "33554432"}, "True"),
+                          ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}, "True"),
+                          ({"FLAXZOO_KEEP_XLA_FLAGS": "1"}, "True")]:
+    done = fresh_python("-c", MAPPED_BYTES_OF_A_100_MB_ARRAY, **extra)
+    if done.returncode == 77:
+      pytest.skip("this C library has no glibc mallinfo2")
     assert done.stdout.strip() == expected, (extra, done.stderr[-500:])
 
 
