@@ -103,9 +103,9 @@ def main() -> None:
   if args.child:
     print(json.dumps(measure(args.batch_size, args.repeats)))
     return
+  from models.xla_flags import MALLOC_SETTINGS  # before JAX computes: importing `models` sets XLA up
   from benchmarks import machine
   print(machine.machine_line())
-  from models.xla_flags import MALLOC_SETTINGS
   base_env = {k: v for k, v in os.environ.items()
               if k not in ("FLAXZOO_KEEP_XLA_FLAGS", "XLA_FLAGS", "GLIBC_TUNABLES", *MALLOC_SETTINGS)}
   settings = [("YNNPACK fusions on (jaxlib default)", {"FLAXZOO_KEEP_XLA_FLAGS": "1"}),
