@@ -33,6 +33,9 @@ import sys
 import warnings
 
 FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # empty: no YNNPACK fusions
+# glibc's own environment settings of what `_keep_large_blocks_on_the_heap` sets
+MALLOC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+                   "MALLOC_TOP_PAD_")
 
 
 def apply() -> None:
@@ -54,10 +57,6 @@ def apply() -> None:
         f"XLA_FLAGS={' '.join(extra)}) before the first JAX computation", stacklevel=3)
     return
   os.environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
-
-
-MALLOC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                   "MALLOC_TOP_PAD_")
 
 
 def _user_tuned_malloc() -> bool:

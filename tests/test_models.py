@@ -139,12 +139,10 @@ def fresh_python(*args: str, **env_overrides: str):
   flaxzoo/jax runtime settings unless given here."""
   import os
   import subprocess
-  import sys
   from conftest import ROOT
   env = {k: v for k, v in os.environ.items() if k not in
-         ("XLA_FLAGS", "FLAXZOO_KEEP_XLA_FLAGS", "JAX_CPU_ENABLE_ASYNC_DISPATCH",
-          "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-          "GLIBC_TUNABLES")}
+         ("XLA_FLAGS", "FLAXZOO_KEEP_XLA_FLAGS", "JAX_CPU_ENABLE_ASYNC_DISPATCH", "GLIBC_TUNABLES",
+          *models.xla_flags.MALLOC_SETTINGS)}
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
                         env=dict(env, PYTHONPATH=str(ROOT), **env_overrides), timeout=120)
 
