@@ -21,6 +21,7 @@ import logging
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import jax
@@ -246,8 +247,9 @@ def newest_readable(workdir, restore, step: int | None = None, quiet: bool = Fal
 @contextlib.contextmanager
 def _quiet_failed_reads():
   """After a failed tensorstore read, orbax's other read tasks end with errors nobody retrieves:
-  asyncio logs each one (kilobytes of spec) when collected, and tensorstore threads that finish
-  late find orbax's event loop closed. Our one line says it all, so both are kept quiet."""
+  asyncio logs each one (kilobytes of spec) when collected, reads it never started warn that they
+  were never awaited, and tensorstore threads that finish late find orbax's event loop closed. Our
+  one line says it all, so all three are kept quiet."""
   log = logging.getLogger("asyncio")
   level = log.level
   log.setLevel(logging.CRITICAL)
@@ -255,7 +257,9 @@ def _quiet_failed_reads():
     yield
   except UnreadableCheckpoint:
     ignore_closed_loop_callbacks()
-    gc.collect()  # collect the tasks now, while asyncio is quiet
+    with warnings.catch_warnings():
+      warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+      gc.collect()  # collect the tasks now, while asyncio is quiet
     raise
   finally:
     log.setLevel(level)
