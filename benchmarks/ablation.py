@@ -103,11 +103,10 @@ def main() -> None:
   if args.child:
     print(json.dumps(measure(args.batch_size, args.repeats)))
     return
-  from models.xla_flags import MALLOC_SETTINGS  # before JAX computes: importing `models` sets XLA up
+  from models import xla_flags  # before JAX computes: importing `models` sets XLA up
   from benchmarks import machine
   print(machine.machine_line())
-  base_env = {k: v for k, v in os.environ.items()
-              if k not in ("FLAXZOO_KEEP_XLA_FLAGS", "XLA_FLAGS", "GLIBC_TUNABLES", *MALLOC_SETTINGS)}
+  base_env = {k: v for k, v in os.environ.items() if k not in xla_flags.ENVIRONMENT}
   settings = [("YNNPACK fusions on (jaxlib default)", {"FLAXZOO_KEEP_XLA_FLAGS": "1"}),
               ("YNNPACK off, glibc maps blocks > 32 MB", {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
                                                           "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}),

@@ -36,6 +36,9 @@ FLAGS = {"xla_cpu_experimental_ynn_fusion_type": ""}  # empty: no YNNPACK fusion
 # glibc's own environment settings of what `_keep_large_blocks_on_the_heap` sets
 MALLOC_SETTINGS = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
                    "MALLOC_TOP_PAD_")
+# Every environment variable that changes what `apply` does (for tools that start clean processes)
+ENVIRONMENT = ("FLAXZOO_KEEP_XLA_FLAGS", "XLA_FLAGS", "JAX_CPU_ENABLE_ASYNC_DISPATCH",
+               "GLIBC_TUNABLES", *MALLOC_SETTINGS)
 
 
 def apply() -> None:

@@ -140,9 +140,7 @@ def fresh_python(*args: str, **env_overrides: str):
   import os
   import subprocess
   from conftest import ROOT
-  env = {k: v for k, v in os.environ.items() if k not in
-         ("XLA_FLAGS", "FLAXZOO_KEEP_XLA_FLAGS", "JAX_CPU_ENABLE_ASYNC_DISPATCH", "GLIBC_TUNABLES",
-          *models.xla_flags.MALLOC_SETTINGS)}
+  env = {k: v for k, v in os.environ.items() if k not in models.xla_flags.ENVIRONMENT}
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
                         env=dict(env, PYTHONPATH=str(ROOT), **env_overrides), timeout=120)
 
