@@ -4,7 +4,8 @@ forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2` a
 setting, models/xla_flags.py) or any XLA_FLAGS given with --xla-flags, and with glibc mapping large
 blocks as it does by default (its dynamic thresholds at their ceiling: blocks over 32 MB mapped
 fresh on every allocation) instead of flaxzoo's heap-only setting, against PyTorch eager in the
-same process.
+same process. The eval rows copy their batch onto the device first, as `flaxzoo eval` does
+(`training.state.ready_on_device`); one more row passes it as a host array.
 
 XLA flags are fixed when XLA starts, so each flag setting runs in its own child process; within a
 process the variants and PyTorch take turns (medians over repeats), and every row is a ratio to the
@@ -44,7 +45,7 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   of PyTorch eager, in turns; medians over `repeats`."""
   import jax
   from benchmarks import bench
-  from training.state import create_train_state, to_model_input, train_step
+  from training.state import create_train_state, ready_on_device, to_model_input, train_step
 
   images, labels = bench.synthetic_batch(batch_size)
   eval_images, _ = bench.synthetic_batch(eval_batch_size, seed=1)
@@ -65,9 +66,10 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
     jax.block_until_ready(state.params)
     states[name] = state
 
-  def jax_eval(name, calls=5):
+  def jax_eval(name, calls=5, copy_first=True):  # copy_first: as `flaxzoo eval` feeds batches
     for _ in range(calls):
-      forwards[name](states[name].variables(), eval_images).block_until_ready()
+      x = ready_on_device(eval_images) if copy_first else eval_images
+      forwards[name](states[name].variables(), x).block_until_ready()
 
   def torch_eval(calls=5):
     for _ in range(calls):
@@ -77,6 +79,9 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   for name in variants:
     work[f"train: {name}"] = (steps * batch_size, lambda name=name: jax_train(name))
     work[f"eval: {name}"] = (5 * eval_batch_size, lambda name=name: jax_eval(name))
+  now = list(variants)[-1]
+  work[f"eval: {now}, host input"] = (5 * eval_batch_size,
+                                      lambda: jax_eval(now, copy_first=False))
   work["train: torch eager"] = (steps * batch_size,
                                 lambda: torch_runner.train_steps(images, labels, steps))
   work["eval: torch eager"] = (5 * eval_batch_size, torch_eval)

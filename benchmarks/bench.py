@@ -37,7 +37,7 @@ import models
 from benchmarks import machine
 from benchmarks.torch_twins import import_torch, torch_twin
 from training import config as config_lib
-from training.state import create_train_state, to_model_input, train_step
+from training.state import create_train_state, ready_on_device, to_model_input, train_step
 
 FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
 RESULTS_CSV = Path("results/bench.csv")
@@ -71,8 +71,8 @@ class JaxRunner:
     jax.block_until_ready(state.params)
     self.state = state
 
-  def evaluate(self, images) -> None:
-    self.forward(self.state.variables(), images).block_until_ready()
+  def evaluate(self, images) -> None:  # as `flaxzoo eval` feeds its batches
+    self.forward(self.state.variables(), ready_on_device(images)).block_until_ready()
 
   def predict_one(self, image) -> np.ndarray:
     return np.asarray(self.forward(self.state.variables(), image))

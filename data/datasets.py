@@ -217,6 +217,10 @@ def load_split(name: str, split: str, data_dir: str | None = None,
 def _load_split_cached(name: str, split: str, data_dir: str, limit: int | None):
   tfds = _tfds()
   builder = _builder(name, data_dir)
+  if not builder.is_prepared():  # tfds's own error here wrongly says it is prepared as TFRecord
+    raise DataError(f"{name} is not prepared in {data_dir}; prepare it once with "
+                    f"data.prepare({name!r}, data_dir, manual_dir) or data.load_dataset({name!r}), "
+                    f"or train on it with flaxzoo train --dataset {name}")
   info = _info_of(name, builder)
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                             decoders={"image": tfds.decode.SkipDecoding()})

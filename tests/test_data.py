@@ -95,6 +95,12 @@ def test_real_mnist_through_tfds(mnist_data_dir):
   assert data.load_split("mnist", "train", mnist_data_dir)[0] is images  # loaded once per process
 
 
+def test_loading_an_unprepared_split_says_how_to_prepare_it(tmp_path):
+  with pytest.raises(data.DataError, match=r"not prepared in .*data\.prepare\('mnist'"):
+    data.load_split("mnist", "test", str(tmp_path / "tfds"))
+  assert tree_snapshot(tmp_path) == {}
+
+
 def test_env_var_manual_dir_is_used(tmp_path, monkeypatch, mnist_raw_dir):
   monkeypatch.setenv(data.MANUAL_DIR_ENV, str(mnist_raw_dir.parent))
   local_dir, source = data.datasets.resolve_manual_dir("mnist")

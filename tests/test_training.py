@@ -156,3 +156,16 @@ def test_named_config_fast_and_overrides():
                                                         NAMED_CONFIGS["fast"]["batch_size"])
   assert named_config("fast", epochs=5, model="lenet5").epochs == 5  # flags beside --config win
   assert default_workdir(fast, "fast") == "checkpoints/mnist-convnet-fast"  # not the main run's
+
+
+def test_eval_batches_copied_before_the_call_give_the_same_sums():
+  from training.state import eval_step, init_variables, ready_on_device
+  model = models.create_model("convnet", num_classes=10, **TINY)
+  variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  rng = np.random.default_rng(0)
+  batch = (rng.integers(0, 256, (300, 28, 28, 1), dtype=np.uint8),
+           rng.integers(0, 10, 300).astype(np.int32), np.ones(300, np.float32))
+  copied = ready_on_device(batch)
+  assert all(isinstance(a, jax.Array) and a.is_ready() for a in copied)
+  assert all(np.array_equal(a, b) for a, b in zip(copied, batch))
+  assert trees_equal(eval_step(model, variables, *copied), eval_step(model, variables, *batch))

@@ -13,13 +13,14 @@ from data.datasets import DataError
 from training import checkpoint
 from training import compile_cache
 from training.config import dataset_slug
-from training.state import predict_step
+from training.state import predict_step, ready_on_device
 
 
 def predict_arrays(model, variables, images, batch_size: int = 1000) -> np.ndarray:
   """Class probabilities (N, num_classes) for uint8 or [0, 1] float images (N, H, W, C)."""
-  return np.concatenate([np.asarray(predict_step(model, variables, images[i:i + batch_size]))
-                         for i in range(0, len(images), batch_size)])
+  return np.concatenate([
+      np.asarray(predict_step(model, variables, ready_on_device(images[i:i + batch_size])))
+      for i in range(0, len(images), batch_size)])
 
 
 def predict_files(workdir, paths, top_k: int = 5, step: int | None = None):

@@ -167,6 +167,22 @@ def train_step(state: TrainState, images, labels):
   return state, {"loss": loss, "accuracy": accuracy}
 
 
+def ready_on_device(arrays):
+  """`arrays` (a tree of host arrays) copied onto the device before this returns, for the large
+  batches of evaluation and prediction.
+
+  A jitted call on a large host array returns before PjRt has copied it, and the program runs once
+  the copy is done, on one of XLA's threads. There, a program whose temporary buffers exceed 64 MB
+  (the ConvNet, LeNet-5 and ResNet at batch 1000) had them mapped afresh and page-faulted in on
+  most calls: a thread's own malloc arena cannot hold such a block (models/xla_flags.py). With its
+  inputs already on the device the same program ran without those faults, and eval at batch 1024
+  was 1.0-1.9x faster (docs/benchmarks.md, "Inputs copied before the call"). Training steps keep
+  taking host batches: there the deferred start lets the next batch be gathered while a step runs,
+  and their buffers are smaller.
+  """
+  return jax.block_until_ready(jax.device_put(arrays))
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def eval_step(model: nn.Module, variables, images, labels, mask):
   """Sums over one (padded) batch: loss, correct predictions, real examples, and the confusion
