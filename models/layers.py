@@ -26,19 +26,22 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
 # the other core cost more than the convolution (14x14x16->32 at batch 1, async dispatch off, on a
 # 2-core AVX-512 machine: 86 us against 24 us); the product of so few rows runs on the calling
 # thread. From batch 2 on (392 positions) XLA's own convolution was faster (docs/benchmarks.md,
-# "Batch-1 latency on two cores").
+# "Batch-1 latency on two cores"). Training never runs convolutions this small at the zoo's batch
+# sizes; in serving, the product may round differently from XLA's convolution on some CPUs (the
+# ConvNet's second convolution at batch 1 on an AVX2 EPYC: up to 3.6e-7 on outputs up to 2.1).
 SMALL_CONV_POSITIONS = 256
 
 
 def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
          dimension_numbers=None, feature_group_count=1, precision=None):
-  """`lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=conv)`: the same parameters,
-  values and gradients, with the forward pass of a one-input-channel convolution, or of a small
+  """`lax.conv_general_dilated`, for `nn.Conv(conv_general_dilated=conv)`: the same parameters
+  and gradients, with the forward pass of a one-input-channel convolution, or of a small
   one (`SMALL_CONV_POSITIONS`), computed as one matrix product over the kernel's shifted windows.
 
   XLA:CPU runs a convolution with one input channel (an MNIST model's first layer) at ~8 GFLOP/s,
   5.6x slower than PyTorch's (benchmarks/op_profile.py). As a matrix product its forward pass costs
-  a fifth of that and gives the same bits; its gradients stay XLA's own convolution gradients.
+  a fifth of that and gives the same bits (tested on AVX2 and AVX-512 CPUs); its gradients stay
+  XLA's own convolution gradients.
   """
   plain = functools.partial(
       jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
