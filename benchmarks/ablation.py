@@ -4,8 +4,8 @@ forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2` a
 setting, models/xla_flags.py) or any XLA_FLAGS given with --xla-flags, and with glibc mapping large
 blocks as it does by default (its dynamic thresholds at their ceiling: blocks over 32 MB mapped
 fresh on every allocation) instead of flaxzoo's heap-only setting, against PyTorch eager in the
-same process. The eval rows copy their batch onto the device first, as `flaxzoo eval` does
-(`training.state.ready_on_device`); one more row passes it as a host array.
+same process. The eval rows run the batch in one pass, except one that runs it in passes as
+`flaxzoo eval` does (`training.state.passes_for`).
 
 XLA flags are fixed when XLA starts, so each flag setting runs in its own child process; within a
 process the variants and PyTorch take turns (medians over repeats), and every row is a ratio to the
@@ -45,7 +45,7 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   of PyTorch eager, in turns; medians over `repeats`."""
   import jax
   from benchmarks import bench
-  from training.state import create_train_state, ready_on_device, to_model_input, train_step
+  from training.state import create_train_state, logits_step, passes_for, to_model_input, train_step
 
   images, labels = bench.synthetic_batch(batch_size)
   eval_images, _ = bench.synthetic_batch(eval_batch_size, seed=1)
@@ -53,6 +53,7 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   variants = {"linen max_pool, nn.Conv": EarlierConvNet(linen_pool=True),
               "max_pool_2x2, nn.Conv": EarlierConvNet(),
               "max_pool_2x2, layers.Conv (now)": runner.model}
+  now = "max_pool_2x2, layers.Conv (now)"
   states = {name: create_train_state(model, runner.config, bench.MNIST_SHAPE, 10_000)
             for name, model in variants.items()}
   forwards = {name: jax.jit(lambda v, x, model=model: model.apply(v, to_model_input(x)))
@@ -66,10 +67,15 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
     jax.block_until_ready(state.params)
     states[name] = state
 
-  def jax_eval(name, calls=5, copy_first=True):  # copy_first: as `flaxzoo eval` feeds batches
+  def jax_eval(name, calls=5):
     for _ in range(calls):
-      x = ready_on_device(eval_images) if copy_first else eval_images
-      forwards[name](states[name].variables(), x).block_until_ready()
+      forwards[name](states[name].variables(), eval_images).block_until_ready()
+
+  def jax_eval_in_passes(calls=5):  # what `flaxzoo eval` runs (training.state.passes_for)
+    model, variables = runner.model, states[now].variables()
+    passes = passes_for(logits_step, model, variables, eval_images)
+    for _ in range(calls):
+      logits_step(model, variables, eval_images, passes=passes).block_until_ready()
 
   def torch_eval(calls=5):
     for _ in range(calls):
@@ -79,9 +85,7 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   for name in variants:
     work[f"train: {name}"] = (steps * batch_size, lambda name=name: jax_train(name))
     work[f"eval: {name}"] = (5 * eval_batch_size, lambda name=name: jax_eval(name))
-  now = list(variants)[-1]
-  work[f"eval: {now}, host input"] = (5 * eval_batch_size,
-                                      lambda: jax_eval(now, copy_first=False))
+  work[f"eval: {now}, in passes"] = (5 * eval_batch_size, jax_eval_in_passes)
   work["train: torch eager"] = (steps * batch_size,
                                 lambda: torch_runner.train_steps(images, labels, steps))
   work["eval: torch eager"] = (5 * eval_batch_size, torch_eval)

@@ -37,7 +37,8 @@ import models
 from benchmarks import machine
 from benchmarks.torch_twins import import_torch, torch_twin
 from training import config as config_lib
-from training.state import create_train_state, ready_on_device, to_model_input, train_step
+from training.state import (create_train_state, logits_in_passes, logits_step, passes_for,
+                            train_step)
 
 FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
 RESULTS_CSV = Path("results/bench.csv")
@@ -61,8 +62,8 @@ class JaxRunner:
     self.model = models.create_model(model_name, num_classes=10, **self.config.model_kwargs)
     self.state = create_train_state(self.model, self.config, MNIST_SHAPE, total_steps)
     self.initial_params = jax.device_get(self.state.params)
-    model = self.model
-    self.forward = jax.jit(lambda variables, x: model.apply(variables, to_model_input(x)))
+    model = self.model  # batch 1 as a serving loop would jit it: no static arguments to hash
+    self.forward = jax.jit(lambda variables, x: logits_in_passes(model, variables, x))
 
   def train_steps(self, images, labels, steps: int) -> None:
     state = self.state
@@ -71,22 +72,24 @@ class JaxRunner:
     jax.block_until_ready(state.params)
     self.state = state
 
-  def evaluate(self, images) -> None:  # as `flaxzoo eval` feeds its batches
-    self.forward(self.state.variables(), ready_on_device(images)).block_until_ready()
+  def evaluate(self, images) -> None:  # in passes, as `flaxzoo eval` and `predict` run a batch
+    variables = self.state.variables()
+    passes = passes_for(logits_step, self.model, variables, images)
+    logits_step(self.model, variables, images, passes=passes).block_until_ready()
 
   def predict_one(self, image) -> np.ndarray:
     return np.asarray(self.forward(self.state.variables(), image))
 
   def train_step_flops(self, images, labels) -> float:
-    return compiled_flops(train_step, self.state, images, labels)
+    return compiled_flops(train_step.lower(self.state, images, labels))
 
   def eval_flops(self, images) -> float:
-    return compiled_flops(self.forward, self.state.variables(), images)
+    return compiled_flops(logits_step.lower(self.model, self.state.variables(), images, passes=1))
 
 
-def compiled_flops(jitted, *args) -> float:
-  """FLOPs of one call, from XLA's cost analysis of the compiled program."""
-  cost = jitted.lower(*args).compile().cost_analysis()
+def compiled_flops(lowered) -> float:
+  """FLOPs of one call of a lowered program, from XLA's cost analysis of its compilation."""
+  cost = lowered.compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
 

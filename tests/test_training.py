@@ -158,14 +158,39 @@ def test_named_config_fast_and_overrides():
   assert default_workdir(fast, "fast") == "checkpoints/mnist-convnet-fast"  # not the main run's
 
 
-def test_eval_batches_copied_before_the_call_give_the_same_sums():
-  from training.state import eval_step, init_variables, ready_on_device
-  model = models.create_model("convnet", num_classes=10, **TINY)
+@pytest.mark.parametrize("name", ["convnet", "resnet"])  # resnet: BatchNorm's running statistics
+def test_logits_in_passes_match_one_pass(name):
+  from training.state import init_variables, logits_step
+  model = models.create_model(name, num_classes=10)
   variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  images = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
+  one_pass = np.asarray(logits_step(model, variables, images, passes=1))
+  for passes in (2, 3, 7):  # 3 and 7 do not divide 50: the padded tail is dropped
+    in_passes = np.asarray(logits_step(model, variables, images, passes=passes))
+    assert in_passes.shape == one_pass.shape
+    np.testing.assert_allclose(in_passes, one_pass, rtol=1e-5, atol=1e-6)
+
+
+def test_passes_keep_an_eval_batch_temporaries_small():
+  from training.state import EVAL_TEMP_BYTES, eval_step, init_variables, passes_for
+
+  def temp_bytes(model, variables, batch, passes):
+    compiled = eval_step.lower(model, variables, *batch, passes=passes).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
   rng = np.random.default_rng(0)
-  batch = (rng.integers(0, 256, (300, 28, 28, 1), dtype=np.uint8),
-           rng.integers(0, 10, 300).astype(np.int32), np.ones(300, np.float32))
-  copied = ready_on_device(batch)
-  assert all(isinstance(a, jax.Array) and a.is_ready() for a in copied)
-  assert all(np.array_equal(a, b) for a, b in zip(copied, batch))
-  assert trees_equal(eval_step(model, variables, *copied), eval_step(model, variables, *batch))
+  batch = (rng.integers(0, 256, (1000, 28, 28, 1), dtype=np.uint8),
+           rng.integers(0, 10, 1000).astype(np.int32), np.ones(1000, np.float32))
+  convnet = models.create_model("convnet", num_classes=10)
+  variables = init_variables(convnet, jax.random.PRNGKey(0), (28, 28, 1))
+  passes = passes_for(eval_step, convnet, variables, *batch)
+  assert temp_bytes(convnet, variables, batch, 1) > 2 * EVAL_TEMP_BYTES  # ~78 MB in one pass
+  assert passes > 1 and temp_bytes(convnet, variables, batch, passes) <= EVAL_TEMP_BYTES
+  mlp = models.create_model("mlp", num_classes=10)
+  assert passes_for(eval_step, mlp, init_variables(mlp, jax.random.PRNGKey(0), (28, 28, 1)),
+                    *batch) == 1  # ~5 MB: one pass
+  one = jax.device_get(eval_step(convnet, variables, *batch, passes=1))
+  many = jax.device_get(eval_step(convnet, variables, *batch, passes=passes))
+  for key in ("confusion", "correct", "count"):
+    np.testing.assert_array_equal(one[key], many[key])
+  np.testing.assert_allclose(one["loss_sum"], many["loss_sum"], rtol=1e-5)  # up to rounding

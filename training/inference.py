@@ -13,14 +13,17 @@ from data.datasets import DataError
 from training import checkpoint
 from training import compile_cache
 from training.config import dataset_slug
-from training.state import predict_step, ready_on_device
+from training.state import passes_for, predict_step
 
 
 def predict_arrays(model, variables, images, batch_size: int = 1000) -> np.ndarray:
   """Class probabilities (N, num_classes) for uint8 or [0, 1] float images (N, H, W, C)."""
-  return np.concatenate([
-      np.asarray(predict_step(model, variables, ready_on_device(images[i:i + batch_size])))
-      for i in range(0, len(images), batch_size)])
+  probabilities = []
+  for start in range(0, len(images), batch_size):
+    batch = images[start:start + batch_size]
+    passes = passes_for(predict_step, model, variables, batch)
+    probabilities.append(np.asarray(predict_step(model, variables, batch, passes=passes)))
+  return np.concatenate(probabilities)
 
 
 def predict_files(workdir, paths, top_k: int = 5, step: int | None = None):

@@ -12,6 +12,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from flax.training import train_state
@@ -167,27 +168,52 @@ def train_step(state: TrainState, images, labels):
   return state, {"loss": loss, "accuracy": accuracy}
 
 
-def ready_on_device(arrays):
-  """`arrays` (a tree of host arrays) copied onto the device before this returns, for the large
-  batches of evaluation and prediction.
-
-  A jitted call on a large host array returns before PjRt has copied it, and the program runs once
-  the copy is done, on one of XLA's threads. There, a program whose temporary buffers exceed 64 MB
-  (the ConvNet, LeNet-5 and ResNet at batch 1000) had them mapped afresh and page-faulted in on
-  most calls: a thread's own malloc arena cannot hold such a block (models/xla_flags.py). With its
-  inputs already on the device the same program ran without those faults, and eval at batch 1024
-  was 1.0-1.9x faster (docs/benchmarks.md, "Inputs copied before the call"). Training steps keep
-  taking host batches: there the deferred start lets the next batch be gathered while a step runs,
-  and their buffers are smaller.
-  """
-  return jax.block_until_ready(jax.device_put(arrays))
+# The most temporary memory one evaluation or prediction call may take before its batch is split
+# into passes. XLA allocates a program's temporaries as one block on every call, and a call whose
+# input is a host array runs on one of XLA's threads once the array is copied. A block over 64 MB
+# does not fit such a thread's own malloc arena, so glibc maps it afresh and every 4 kB page faults
+# in again (~19,000 faults in most ConvNet eval calls at batch 1000, whatever models/xla_flags.py
+# sets). Passes keep the block at half that and reused: the test set at batch 1000 evaluated
+# 1.15-1.7x faster for the ConvNet, LeNet-5 and ResNet; the MLP and ViT-tiny fit and run in one
+# pass as before (docs/benchmarks.md, "Eval in passes").
+EVAL_TEMP_BYTES = 32 << 20
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def eval_step(model: nn.Module, variables, images, labels, mask):
+def logits_in_passes(model: nn.Module, variables, images, passes: int = 1):
+  """Eval-mode logits of `images` (N, H, W, C), `passes` chunks one after another inside one
+  program (`lax.map`; the batch padded to a multiple of `passes`, the padding dropped)."""
+  apply = lambda x: model.apply(variables, to_model_input(x), train=False)  # noqa: E731
+  if passes <= 1:
+    return apply(images)
+  n = images.shape[0]
+  chunk = -(-n // passes)
+  padded = jnp.pad(images, ((0, chunk * passes - n),) + ((0, 0),) * (images.ndim - 1))
+  logits = jax.lax.map(apply, padded.reshape(passes, chunk, *images.shape[1:]))
+  return logits.reshape(passes * chunk, *logits.shape[2:])[:n]
+
+
+def passes_for(jitted, model: nn.Module, variables, images, *rest) -> int:
+  """The `passes` that keeps the call `jitted(model, variables, images, *rest)` under
+  EVAL_TEMP_BYTES of temporaries (1 when one pass fits), from XLA's memory analysis of the one-pass
+  program, whose compilation that call then reuses. Remembered per shape."""
+  leaves, treedef = jax.tree.flatten((variables, images, *rest))
+  specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves)
+  return _passes_for(jitted, model, treedef, specs, np.shape(images)[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _passes_for(jitted, model, treedef, specs, batch: int) -> int:
+  lowered = jitted.lower(model, *jax.tree.unflatten(treedef, specs), passes=1)
+  analysis = lowered.compile().memory_analysis()
+  temp = getattr(analysis, "temp_size_in_bytes", 0) or 0  # None: a backend without the analysis
+  return int(max(1, min(batch, -(-temp // EVAL_TEMP_BYTES))))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
+def eval_step(model: nn.Module, variables, images, labels, mask, passes: int = 1):
   """Sums over one (padded) batch: loss, correct predictions, real examples, and the confusion
-  matrix (rows: true class, columns: predicted class)."""
-  logits = model.apply(variables, to_model_input(images), train=False)
+  matrix (rows: true class, columns: predicted class). `passes`: see `passes_for`."""
+  logits = logits_in_passes(model, variables, images, passes)
   predictions = jnp.argmax(logits, -1)
   num_classes = logits.shape[-1]
   confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, predictions].add(
@@ -198,6 +224,11 @@ def eval_step(model: nn.Module, variables, images, labels, mask):
           "confusion": confusion}
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def predict_step(model: nn.Module, variables, images):
-  return jax.nn.softmax(model.apply(variables, to_model_input(images), train=False))
+@functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
+def logits_step(model: nn.Module, variables, images, passes: int = 1):
+  return logits_in_passes(model, variables, images, passes)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
+def predict_step(model: nn.Module, variables, images, passes: int = 1):
+  return jax.nn.softmax(logits_in_passes(model, variables, images, passes))

@@ -8,6 +8,7 @@ travel in the checkpoint's card, so the log too comes out record for record the 
 """
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -30,8 +31,7 @@ from training import curves
 from training import finetuning
 from training import metrics
 from training.config import Config, ConfigError
-from training.state import (TrainState, create_train_state, eval_step, ready_on_device,
-                            train_step)
+from training.state import TrainState, create_train_state, eval_step, passes_for, train_step
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -53,8 +53,11 @@ class TrainingDiverged(Exception):
 def evaluate(model, variables, images, labels, batch_size: int, class_names=None) -> dict:
   """Loss, accuracy and macro-F1 over every example (the last batch is padded and masked); with
   `class_names`, also per-class accuracy and the confusion matrix (see `training.metrics`)."""
-  sums = jax.device_get([eval_step(model, variables, *ready_on_device(batch))
-                         for batch in data.eval_batches(images, labels, batch_size)])
+  batches = data.eval_batches(images, labels, batch_size)  # all of one shape: one `passes`
+  first = next(batches)
+  passes = passes_for(eval_step, model, variables, *first)
+  sums = jax.device_get([eval_step(model, variables, *batch, passes=passes)
+                         for batch in itertools.chain([first], batches)])
   totals = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}
   names = class_names or [str(i) for i in range(len(totals["confusion"]))]
   report = metrics.classification_metrics(totals["confusion"], names)
