@@ -169,13 +169,12 @@ def train_step(state: TrainState, images, labels):
 
 
 # The most temporary memory one evaluation or prediction call may take before its batch is split
-# into passes. XLA allocates a program's temporaries as one block on every call, and a call whose
-# input is a host array runs on one of XLA's threads once the array is copied. A block over 64 MB
-# does not fit such a thread's own malloc arena, so glibc maps it afresh and every 4 kB page faults
-# in again (~19,000 faults in most ConvNet eval calls at batch 1000, whatever models/xla_flags.py
-# sets). Passes keep the block at half that and reused: the test set at batch 1000 evaluated
-# 1.15-1.7x faster for the ConvNet, LeNet-5 and ResNet; the MLP and ViT-tiny fit and run in one
-# pass as before (docs/benchmarks.md, "Eval in passes").
+# into passes. XLA allocates a program's temporaries as one block on every call, often on one of
+# its own threads (strace). A block over 64 MB does not fit such a thread's malloc arena, so glibc
+# maps it afresh and every 4 kB page faults in again: ~19,000 faults in most ConvNet eval calls at
+# batch 1000, whatever models/xla_flags.py sets. In passes the block stays at most half that and is
+# reused; the MLP and ViT-tiny fit and run in one pass as before (docs/benchmarks.md, "Eval in
+# passes": test-set eval 1.15-1.95x faster where one-pass calls faulted, 0.93x where they did not).
 EVAL_TEMP_BYTES = 32 << 20
 
 
