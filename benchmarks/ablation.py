@@ -1,17 +1,17 @@
 """What each JAX speed change bought, measured side by side: the ConvNet's train step and its eval
 forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2` and with `nn.Conv` or
 `models.layers.Conv`, under XLA:CPU's YNNPACK fusions on (jaxlib's default) or off (flaxzoo's
-setting, models/xla_flags.py) or any XLA_FLAGS given with --xla-flags, and with glibc mapping large
+setting, flaxzoo.runtime) or any XLA_FLAGS given with --xla-flags, and with glibc mapping large
 blocks as it does by default (its dynamic thresholds at their ceiling: blocks over 32 MB mapped
 fresh on every allocation) instead of flaxzoo's heap-only setting, against PyTorch eager in the
 same process. The eval rows run the batch in one pass, except one that runs it in passes as
-`flaxzoo eval` does (`training.state.passes_for`).
+`flaxzoo eval` does (`training.evaluation.passes_for`).
 
 XLA flags are fixed when XLA starts, so each flag setting runs in its own child process; within a
 process the variants and PyTorch take turns (medians over repeats), and every row is a ratio to the
 PyTorch eager figure measured beside it.
 
-    python -m benchmarks.ablation [--batch-size 128] [--repeats 7] [--xla-flags "LABEL=FLAGS" ...]
+    python -m flaxzoo.benchmarks.ablation [--batch-size 128] [--repeats 7] [--xla-flags "LABEL=FLAGS" ...]
 """
 
 import argparse
@@ -32,7 +32,7 @@ class EarlierConvNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    from models import layers
+    from flaxzoo.models import layers
     pool = (lambda x: nn.max_pool(x, (2, 2), (2, 2))) if self.linen_pool else layers.max_pool_2x2
     for width in (16, 32):
       x = pool(nn.relu(nn.Conv(width, (3, 3))(x)))
@@ -44,8 +44,11 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   """Train (batch `batch_size`) and eval (batch `eval_batch_size`) img/s of each ConvNet variant and
   of PyTorch eager, in turns; medians over `repeats`."""
   import jax
-  from benchmarks import bench
-  from training.state import create_train_state, logits_step, passes_for, to_model_input, train_step
+
+  from flaxzoo.benchmarks import bench
+  from flaxzoo.training.evaluation import logits_step, passes_for
+  from flaxzoo.training.state import create_train_state
+  from flaxzoo.training.steps import to_model_input, train_step
 
   images, labels = bench.synthetic_batch(batch_size)
   eval_images, _ = bench.synthetic_batch(eval_batch_size, seed=1)
@@ -109,13 +112,14 @@ def main() -> None:
                       help="also run with exactly these XLA_FLAGS (flaxzoo's own left out)")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
+  from flaxzoo import runtime
   if args.child:
+    runtime.configure()  # before JAX computes; FLAXZOO_KEEP_XLA_FLAGS=1 children keep jax's own
     print(json.dumps(measure(args.batch_size, args.repeats)))
     return
-  from models import xla_flags  # before JAX computes: importing `models` sets XLA up
-  from benchmarks import machine
+  from flaxzoo.benchmarks import machine
   print(machine.machine_line())
-  base_env = {k: v for k, v in os.environ.items() if k not in xla_flags.ENVIRONMENT}
+  base_env = {k: v for k, v in os.environ.items() if k not in runtime.ENVIRONMENT}
   settings = [("YNNPACK fusions on (jaxlib default)", {"FLAXZOO_KEEP_XLA_FLAGS": "1"}),
               ("YNNPACK off, glibc maps blocks > 32 MB", {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
                                                           "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}),
@@ -124,7 +128,7 @@ def main() -> None:
     label, flags = (variant, variant) if variant.startswith("--") else variant.split("=", 1)
     settings.append((label, {"FLAXZOO_KEEP_XLA_FLAGS": "1", "XLA_FLAGS": flags}))
   for setting, env in settings:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.ablation", "--child", "--batch-size",
+    done = subprocess.run([sys.executable, "-m", "flaxzoo.benchmarks.ablation", "--child", "--batch-size",
                            str(args.batch_size), "--repeats", str(args.repeats)],
                           capture_output=True, text=True, env={**base_env, **env})
     if done.returncode != 0:

@@ -28,20 +28,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-import models
-from benchmarks import machine
-from benchmarks.torch_twins import import_torch, torch_twin
-from training import config as config_lib
-from training.state import (create_train_state, logits_in_passes, logits_step, passes_for,
-                            train_step)
+from flaxzoo import models, runtime
+from flaxzoo.benchmarks import machine
+from flaxzoo.benchmarks.torch_twins import import_torch, torch_twin
+from flaxzoo.training import configs
+from flaxzoo.training.evaluation import logits_in_passes, logits_step, passes_for
+from flaxzoo.training.state import create_train_state
+from flaxzoo.training.steps import train_step
 
 FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
-RESULTS_CSV = Path("results/bench.csv")
 MNIST_SHAPE = (28, 28, 1)
 
 
@@ -58,7 +57,7 @@ class JaxRunner:
   name = "jax"
 
   def __init__(self, model_name: str, batch_size: int, total_steps: int):
-    self.config = config_lib.default_config(model_name, batch_size=batch_size)
+    self.config = configs.default_config(model_name, batch_size=batch_size)
     self.model = models.create_model(model_name, num_classes=10, **self.config.model_kwargs)
     self.state = create_train_state(self.model, self.config, MNIST_SHAPE, total_steps)
     self.initial_params = jax.device_get(self.state.params)
@@ -173,9 +172,9 @@ def peak_rss_mb(framework: str, model_name: str, batch_size: int, steps: int) ->
   """Peak RSS of a fresh process that trains `steps` steps with one framework, and its RSS after
   the imports alone (so the difference is what the model's training adds)."""
   out = subprocess.run(
-      [sys.executable, "-m", "benchmarks.bench", "--memory-probe", framework, model_name,
+      [sys.executable, "-m", "flaxzoo.benchmarks.bench", "--memory-probe", framework, model_name,
        str(batch_size), str(steps)],
-      capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+      capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -278,4 +277,5 @@ if __name__ == "__main__":  # python -m benchmarks.bench --memory-probe FRAMEWOR
   if sys.argv[1:2] != ["--memory-probe"] or len(sys.argv) != 6:
     sys.exit("usage: python -m benchmarks.bench --memory-probe FRAMEWORK MODEL BATCH_SIZE STEPS "
              "(the benchmark itself is: flaxzoo bench)")
+  runtime.configure()  # as `flaxzoo bench` runs, before JAX computes
   _memory_probe(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))

@@ -12,13 +12,13 @@ import argparse
 import statistics
 import time
 
-import models  # noqa: F401  (flaxzoo's XLA flags, before JAX starts)
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import bench, machine
-from models import layers
+from flaxzoo import runtime
+from flaxzoo.benchmarks import bench, machine
+from flaxzoo.models import layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -124,6 +124,7 @@ def main() -> None:
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=7)
   args = parser.parse_args()
+  runtime.configure()  # flaxzoo's XLA settings, before JAX computes
   print(machine.machine_line())
   print(f"{'op (batch ' + str(args.batch_size) + ')':29s} {'GFLOP':>7s} {'jax ms':>8s} "
         f"{'torch ms':>9s} {'jax GFLOP/s':>12s} {'torch GFLOP/s':>14s} {'jax/torch time':>15s}")

@@ -1,5 +1,6 @@
 """The whole `flaxzoo bench`: the side-by-side run (`benchmarks.bench`), the optional slow figures,
-a printed summary, and one appended row of `results/bench.csv`."""
+a printed summary, and, when asked (`--csv PATH`), one appended CSV row (the project's own runs go
+to `results/bench.csv`)."""
 
 import csv
 import datetime
@@ -14,12 +15,11 @@ from pathlib import Path
 
 import jax
 
-import data
-from benchmarks import bench
-from training import checkpoint
-from training import compile_cache
+from flaxzoo import data, runtime
+from flaxzoo.benchmarks import bench
+from flaxzoo.files import replace_atomically
+from flaxzoo.training import checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 SWEEP_BATCH_SIZES = (32, 64, 128, 256, 512, 1024)
 SWEEP_FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 TARGET_ACCURACY = 0.99
@@ -154,16 +154,16 @@ def fraction_sweep(runner: bench.JaxRunner, manual_dir, log) -> dict:
 
 def run_timed(command: list[str], env: dict | None = None) -> tuple[float, subprocess.CompletedProcess]:
   start = time.perf_counter()
-  done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+  done = subprocess.run(command, capture_output=True, text=True,
                         env=None if env is None else {**os.environ, **env})
   return time.perf_counter() - start, done
 
 
 def run_fast_config(workdir: str, raw_dir: str, cache_dir: str) -> tuple[float, dict]:
   """One fresh `flaxzoo train --config fast` process; its wall time and final test record."""
-  seconds, done = run_timed([sys.executable, "-m", "training", "train", "--config", "fast",
+  seconds, done = run_timed([sys.executable, "-m", "flaxzoo.training", "train", "--config", "fast",
                              "--workdir", workdir, "--manual-dir", raw_dir],
-                            env={compile_cache.CACHE_ENV: cache_dir})
+                            env={runtime.CACHE_ENV: cache_dir})
   if done.returncode != 0:
     raise RuntimeError(f"flaxzoo train --config fast failed: {done.stderr.strip()[-2000:]}")
   records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
@@ -195,7 +195,7 @@ def measure_time_to_accuracy(manual_dir, log) -> dict:
     result.update(jax_fast_cached_seconds_to_99=seconds, jax_fast_cached_test_accuracy=test["accuracy"])
     log(f"  flaxzoo train --config fast again: {test['accuracy']:.2%}, {seconds:.1f} s wall "
         f"(programs from the compilation cache)")
-  seconds, done = run_timed([sys.executable, "-m", "benchmarks.torch_mnist", "--mnist-dir", raw_dir,
+  seconds, done = run_timed([sys.executable, "-m", "flaxzoo.benchmarks.torch_mnist", "--mnist-dir", raw_dir,
                              "--target", str(TARGET_ACCURACY)])
   if done.returncode != 0:
     raise RuntimeError(f"benchmarks.torch_mnist failed: {done.stderr.strip()[-2000:]}")
@@ -219,12 +219,12 @@ def append_csv(path: Path, result: dict) -> None:
       if reader.fieldnames != CSV_COLUMNS:
         rows, rewrite = list(reader), True
   if rewrite:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-      writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
-      writer.writeheader()
-      writer.writerows(rows)
-    os.replace(tmp, path)
+    def write_rows(tmp):
+      with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    replace_atomically(path, write_rows)
   with open(path, "a", newline="") as f:
     csv.DictWriter(f, CSV_COLUMNS, extrasaction="ignore").writerow(
         {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()})
@@ -259,8 +259,10 @@ def benchmark(model: str = "convnet", batch_size: int = 128, eval_batch_size: in
           steps: int = 20, repeats: int = 7, latency_calls: int = 200,
           frameworks=bench.FRAMEWORKS, memory: bool = True, sweep: bool = False,
           real_data: bool = False, time_to_accuracy: bool = False, manual_dir=None,
-          csv_path="results/bench.csv", log=print) -> dict:
-  """Runs `flaxzoo bench`; returns every figure (also appended as one row of `csv_path`)."""
+          csv_path=None, log=print) -> dict:
+  """Runs `flaxzoo bench`; returns every figure (also appended as one row of `csv_path`, if
+  given)."""
+  runtime.configure()
   result = {"date": datetime.datetime.now().isoformat(timespec="seconds")}
   result.update(bench.run_benchmark(model, batch_size, eval_batch_size, steps, repeats,
                                     latency_calls, frameworks, memory, log))

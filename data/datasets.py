@@ -19,26 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from flaxzoo.data import folders
+from flaxzoo.data import images as image_lib
+from flaxzoo.data.types import DataError, Dataset, DatasetInfo
+from flaxzoo.files import replace_atomically
+
 MANUAL_DIR_ENV = "FLAXZOO_MANUAL_DIR"
-
-
-class DataError(Exception):
-  """A data problem the user can fix; the message is one line saying how."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  name: str
-  num_classes: int
-  class_names: tuple[str, ...]
-  image_shape: tuple[int, int, int]  # (H, W, C)
-  num_examples: dict  # split name -> count
-
-
-@dataclasses.dataclass
-class Dataset:
-  info: DatasetInfo
-  splits: dict  # split name -> (images uint8 (N, H, W, C), labels int32 (N,))
 
 
 def _tfds():
@@ -135,12 +121,12 @@ def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = Non
   origin = f"raw files in {local_dir}" if has_local else "a download by tfds"
   print(f"Preparing {name} in {data_dir} from {origin} (once per data dir)...", file=sys.stderr)
   with tempfile.NamedTemporaryFile("r", suffix=".txt") as error_file:
-    command = [sys.executable, "-m", "data.prepare", name, "--data-dir", data_dir,
+    command = [sys.executable, "-m", "flaxzoo.data.prepare", name, "--data-dir", data_dir,
                "--error-file", error_file.name]
     if has_local:
       command += ["--manual-dir", str(local_dir)]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    code = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parent.parent).returncode
+    code = subprocess.run(command, env=env).returncode
     reason = error_file.read().strip()
   if code != 0:
     reason = reason or f"data.prepare exited with status {code}"
@@ -263,9 +249,8 @@ def _write_decoded(cache_dir: Path, split: str, images: np.ndarray, labels: np.n
   try:
     cache_dir.mkdir(exist_ok=True)
     for suffix, array in (("labels", labels), ("images", images)):  # images last: read first
-      tmp = cache_dir / f".{split}-{suffix}.{os.getpid()}.npy"
-      np.save(tmp, array, allow_pickle=False)
-      os.replace(tmp, cache_dir / f"{split}-{suffix}.npy")
+      replace_atomically(cache_dir / f"{split}-{suffix}.npy",
+                         lambda tmp, array=array: np.save(tmp, array, allow_pickle=False))
   except OSError:
     pass
 
@@ -280,7 +265,6 @@ def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None 
   `image_shape` (H, W, C): convert the images to it (a fine-tuned model's input); the conversion
   is stated once on stderr. `test_fraction`: what an image folder without test/ holds out.
   """
-  from data import folders
   if folders.is_folder_dataset(name):
     return folders.load_folder_dataset(name, image_shape, test_fraction, splits, limits)
   data_dir = data_dir or default_data_dir()
@@ -292,7 +276,6 @@ def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None 
   limits = limits or {}
   arrays = {split: load_split(name, split, data_dir, limits.get(split)) for split in splits}
   if image_shape and tuple(image_shape) != info.image_shape:
-    from data import images as image_lib
     print(image_lib.conversion_note(name, [info.image_shape], image_shape), file=sys.stderr)
     arrays = {split: (image_lib.convert_images(x, image_shape), y) for split, (x, y) in arrays.items()}
     info = dataclasses.replace(info, image_shape=tuple(image_shape))

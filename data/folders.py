@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data import images as image_lib
-from data.datasets import DataError, Dataset, DatasetInfo
+from flaxzoo.data import images as image_lib
+from flaxzoo.data.types import DataError, Dataset, DatasetInfo
 
 PREFIX = "folder:"
 
@@ -43,11 +43,10 @@ def list_folder(root: Path) -> dict:
                     f"needs PATH/<class>/*.png, or PATH/train/<class>/… and PATH/test/<class>/…")
   with tempfile.NamedTemporaryFile("r", suffix=".json") as out, \
        tempfile.NamedTemporaryFile("r", suffix=".txt") as error_file:
-    command = [sys.executable, "-m", "data.prepare", PREFIX + str(root), "--list-file", out.name,
+    command = [sys.executable, "-m", "flaxzoo.data.prepare", PREFIX + str(root), "--list-file", out.name,
                "--error-file", error_file.name]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    code = subprocess.run(command, env=env, cwd=Path(__file__).resolve().parent.parent,
-                          stderr=subprocess.DEVNULL).returncode
+    code = subprocess.run(command, env=env, stderr=subprocess.DEVNULL).returncode
     if code != 0:
       raise DataError(f"cannot read image folder {root}: "
                       f"{error_file.read().strip() or f'data.prepare exited with status {code}'}")

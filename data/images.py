@@ -9,7 +9,7 @@ import collections
 
 import numpy as np
 
-from data.datasets import DataError
+from flaxzoo.data.types import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what tfds's ImageFolder reads
 

@@ -23,7 +23,7 @@ def main(argv=None) -> int:
   try:
     import tensorflow_datasets as tfds
     if args.list_file:
-      from data import folders
+      from flaxzoo.data import folders
       listing = folders.scan_with_image_folder(folders.folder_path(args.name))
       with open(args.list_file, "w") as f:
         json.dump(listing, f)

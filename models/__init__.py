@@ -1,16 +1,21 @@
-"""flaxzoo models: `flax.linen` image classifiers behind a timm-style registry."""
+"""flaxzoo models: `flax.linen` image classifiers behind a timm-style registry. Modules only:
+training recipes live in `flaxzoo.training.configs`."""
 
-from models import xla_flags
+from flaxzoo.models.convnet import ConvNet
+from flaxzoo.models.lenet5 import LeNet5
+from flaxzoo.models.mlp import MLP
+from flaxzoo.models.profile import abstract_variables, flops_per_image, param_count
+from flaxzoo.models.registry import (
+                                     UnknownModelError,
+                                     create_model,
+                                     list_models,
+                                     model_description,
+                                     model_kwargs,
+                                     register_model,
+)
+from flaxzoo.models.resnet import ResNet
+from flaxzoo.models.vit import ViTTiny
 
-xla_flags.apply()  # before anything starts XLA's CPU client (see models/xla_flags.py)
-
-from models.registry import (UnknownModelError, create_model, list_models, model_description,
-                             model_kwargs, register_model, train_defaults)
-from models.convnet import ConvNet
-from models.lenet5 import LeNet5
-from models.mlp import MLP
-from models.resnet import ResNet
-from models.vit import ViTTiny
-
-__all__ = ["ConvNet", "LeNet5", "MLP", "ResNet", "ViTTiny", "UnknownModelError", "create_model", "list_models",
-           "model_description", "model_kwargs", "register_model", "train_defaults"]
+__all__ = ["ConvNet", "LeNet5", "MLP", "ResNet", "ViTTiny", "UnknownModelError", "abstract_variables",
+           "create_model", "flops_per_image", "list_models", "model_description", "model_kwargs",
+           "param_count", "register_model"]

@@ -5,8 +5,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import layers
-from models.registry import register_model
+from flaxzoo.models import layers
+from flaxzoo.models.registry import register_model
 
 
 @register_model("convnet")

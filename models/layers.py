@@ -41,14 +41,15 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
   XLA:CPU runs a convolution with one input channel (an MNIST model's first layer) at ~8 GFLOP/s,
   5.6x slower than PyTorch's (benchmarks/op_profile.py). As a matrix product its forward pass costs
   a fifth of that and gives the same bits (tested on AVX2 and AVX-512 CPUs); its gradients stay
-  XLA's own convolution gradients.
+  XLA's own convolution gradients. Only on the CPU backend, where it was measured: elsewhere every
+  convolution is lax's.
   """
   plain = functools.partial(
       jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision)
   ones = lambda dims: dims is None or all(d == 1 for d in dims)  # noqa: E731
-  if not (lhs.ndim == 4 and rhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
+  if not (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
           and ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)

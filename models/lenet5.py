@@ -3,11 +3,11 @@
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import layers
-from models.registry import register_model
+from flaxzoo.models import layers
+from flaxzoo.models.registry import register_model
 
 
-@register_model("lenet5", epochs=5)
+@register_model("lenet5")
 class LeNet5(nn.Module):
   """LeNet-5 (LeCun et al., 1998) with ReLU and max-pooling: conv 6@5x5, conv 16@5x5, 120, 84."""
 

@@ -5,10 +5,10 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.registry import register_model
+from flaxzoo.models.registry import register_model
 
 
-@register_model("mlp", epochs=10, learning_rate=1e-3)
+@register_model("mlp")
 class MLP(nn.Module):
   """Flattened pixels through ReLU dense layers, then the classifier."""
 

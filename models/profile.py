@@ -8,9 +8,11 @@ import jax.numpy as jnp
 MNIST_SHAPE = (28, 28, 1)
 
 
-def abstract_variables(model, input_shape=MNIST_SHAPE):
-  """The model's variables as shapes only (nothing is computed or allocated)."""
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_shape))))
+def abstract_variables(model, input_shape=MNIST_SHAPE) -> dict:
+  """The model's variables as shapes only (nothing is computed or allocated), for restore targets
+  and size reports."""
+  return dict(jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *input_shape)), train=False)))
 
 
 def param_count(model, input_shape=MNIST_SHAPE) -> int:

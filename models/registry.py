@@ -5,32 +5,23 @@ import difflib
 import fnmatch
 
 _MODELS: dict[str, type] = {}
-_TRAIN_DEFAULTS: dict[str, dict] = {}
 
 
-def register_model(name: str, **train_defaults):
+def register_model(name: str):
   """Class decorator: makes a `flax.linen` module constructible by `name`.
 
-  `train_defaults`: training-config fields this model is trained with by default (e.g. epochs,
-  learning_rate), on top of `training.Config`'s; `flaxzoo train --model NAME` starts from them.
-  Every model names its classifier layer `head` (fine-tuning replaces it by that name).
+  Every model names its classifier layer `head` (fine-tuning replaces it by that name). How a model
+  is trained by default is its recipe in `flaxzoo.training.configs`, not part of the module.
   """
 
   def decorator(cls):
     if name in _MODELS and _MODELS[name] is not cls:
       raise ValueError(f"model name {name!r} is already registered to {_MODELS[name].__name__}")
     _MODELS[name] = cls
-    _TRAIN_DEFAULTS[name] = dict(train_defaults)
     cls.registered_name = name
     return cls
 
   return decorator
-
-
-def train_defaults(name: str) -> dict:
-  """The training-config fields `name` overrides by default (see `register_model`)."""
-  get_model_class(name)
-  return dict(_TRAIN_DEFAULTS[name])
 
 
 def list_models(pattern: str | None = None) -> list[str]:

@@ -6,7 +6,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models.registry import register_model
+from flaxzoo.models.registry import register_model
 
 
 class ResidualBlock(nn.Module):

@@ -5,8 +5,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from models import layers
-from models.registry import register_model
+from flaxzoo.models import layers
+from flaxzoo.models.registry import register_model
 
 
 class EncoderBlock(nn.Module):
@@ -30,7 +30,7 @@ class EncoderBlock(nn.Module):
     return x + nn.Dropout(self.dropout, deterministic=not train)(y)
 
 
-@register_model("vit_tiny", epochs=10, learning_rate=3e-3, weight_decay=0.05, augment="shift")
+@register_model("vit_tiny")
 class ViTTiny(nn.Module):
   """Vision Transformer (Dosovitskiy et al., 2021), convolutional stem, 6 blocks of width 64, dropout."""
 

@@ -13,11 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import training  # noqa: E402
-from benchmarks.machine import machine_line  # noqa: E402
-from training import checkpoint  # noqa: E402
-from training.config import Config  # noqa: E402
+from flaxzoo import runtime, training
+from flaxzoo.benchmarks.machine import machine_line
+from flaxzoo.training import checkpoint
+from flaxzoo.training.config import Config
 
 
 def main(argv=None) -> int:
@@ -28,6 +27,7 @@ def main(argv=None) -> int:
   parser.add_argument("--head-learning-rate", type=float, default=None,
                       help="for the frozen-backbone run (default: the source's learning rate)")
   args = parser.parse_args(argv)
+  runtime.configure()  # process-wide settings, before JAX computes
 
   print(f"machine: {machine_line()}", flush=True)
   training.train_and_evaluate(Config(), args.source)  # returns at once when already trained

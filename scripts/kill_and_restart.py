@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 DEFAULT_TRAIN_ARGS = ["--checkpoint-every-steps", "50"]
 
 
 def train_command(workdir: Path, train_args: list[str]) -> list[str]:
-  return [sys.executable, "-m", "training", "train", "--workdir", str(workdir), *train_args]
+  return [sys.executable, "-m", "flaxzoo.training", "train", "--workdir", str(workdir), *train_args]
 
 
 def committed_steps(workdir: Path) -> list[int]:
@@ -49,9 +48,11 @@ def restore_newest(workdir: Path):
   """(step, skipped steps, state as numpy arrays by part) of the newest readable checkpoint."""
   import jax
   import numpy as np
-  import models
-  from training import checkpoint, config as config_lib
-  from training.state import create_train_state
+
+  from flaxzoo import models
+  from flaxzoo.training import checkpoint
+  from flaxzoo.training import config as config_lib
+  from flaxzoo.training.state import create_train_state
   card = checkpoint.read_card(workdir)
   config = config_lib.from_dict(card["config"])
   model = models.create_model(config.model, num_classes=card["num_classes"], **config.model_kwargs)

@@ -3,7 +3,7 @@
 For trying `--dataset folder:PATH` end to end with real images, e.g.
 
   .venv/bin/python scripts/make_image_folder.py fashion_mnist /tmp/clothes \
-      --classes T-shirt/top,Trouser,Sneaker,Bag,Ankle\ boot --train-per-class 300 \
+      --classes T-shirt/top,Trouser,Sneaker,Bag,Ankle\\ boot --train-per-class 300 \
       --test-per-class 50 --size 32 --rgb
 
 Class names become folder names ('/' -> '_'). `--size`/`--rgb` write the images at another size
@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import data  # noqa: E402
+from flaxzoo import data
 
 
 def main(argv=None) -> int:

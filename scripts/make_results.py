@@ -20,14 +20,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import models  # noqa: E402
-import training  # noqa: E402
-from models import profile  # noqa: E402
-from benchmarks.machine import machine_line  # noqa: E402
-from training import checkpoint  # noqa: E402
-from training.config import default_config  # noqa: E402
-from training.state import predict_step  # noqa: E402
+from flaxzoo import (
+  models,
+  runtime,
+  training,
+)
+from flaxzoo.benchmarks.machine import machine_line
+from flaxzoo.models import profile
+from flaxzoo.training import checkpoint
+from flaxzoo.training.configs import default_config
+from flaxzoo.training.evaluation import predict_step
 
 COLUMNS = ["model", "params", "mflops_per_image", "epochs", "test_accuracy", "macro_f1",
            "train_seconds", "train_img_per_s", "latency_ms_batch1", "command"]
@@ -108,6 +110,7 @@ def main(argv=None) -> int:
   parser.add_argument("--epochs", type=int, help="quick run: epochs for every model")
   parser.add_argument("--data-dir", help="tfds data dir (default tfds's own)")
   args = parser.parse_args(argv)
+  runtime.configure()  # process-wide settings, before JAX computes
 
   names = sorted({n for pattern in (args.models or "*").split(",")
                   for n in models.list_models(pattern.strip())})

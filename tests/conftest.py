@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from flaxzoo import runtime
+
+# The test process runs with the settings the CLI runs with, applied as the CLI applies them: first,
+# before anything computes (the compilation cache comes with the session fixture below).
+runtime.configure(compilation_cache=False)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -16,9 +22,9 @@ def compilation_cache(tmp_path_factory) -> Path:
   """One jax compilation cache for the session's processes (this one and every child run),
   instead of the user's ~/.cache: tests stay hermetic, and a child re-running a program another
   test compiled loads it, as a restarted run does."""
-  from training import compile_cache
   path = tmp_path_factory.mktemp("jax-compilation-cache")
-  os.environ[compile_cache.CACHE_ENV] = str(path)
+  os.environ[runtime.CACHE_ENV] = str(path)
+  runtime.enable_compilation_cache()
   return path
 
 
@@ -43,17 +49,17 @@ def mnist_raw_dir() -> Path:
 @pytest.fixture(scope="session")
 def mnist_data_dir(tmp_path_factory, mnist_raw_dir) -> str:
   """A tfds data dir with MNIST prepared from the real raw files (about 30 s, once)."""
-  import data
+  from flaxzoo import data
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   data.prepare("mnist", data_dir, str(mnist_raw_dir))
   return data_dir
 
 
 def run_cli(*args, cwd=None, timeout=600):
-  """Runs `python -m training ARGS` in a new process; returns the CompletedProcess."""
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  """Runs `python -m flaxzoo.training ARGS` in a new process; returns the CompletedProcess."""
+  env = dict(os.environ)
   env.pop("FLAXZOO_MANUAL_DIR", None)
-  return subprocess.run([sys.executable, "-m", "training", *map(str, args)], capture_output=True,
+  return subprocess.run([sys.executable, "-m", "flaxzoo.training", *map(str, args)], capture_output=True,
                         text=True, cwd=cwd or ROOT, env=env, timeout=timeout)
 
 

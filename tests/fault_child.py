@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 
 def main() -> int:
   parser = argparse.ArgumentParser()
@@ -41,7 +39,7 @@ def main() -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, args.file_size_limit))
 
-  from training import train
+  from flaxzoo.training import train
   train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
   workdir = Path(train_args[train_args.index("--workdir") + 1])
   TMP = ".orbax-checkpoint-tmp"
@@ -76,7 +74,7 @@ def main() -> int:
         kill_self()
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
 
-  from training import cli
+  from flaxzoo.training import cli
   return cli.main(["train", *train_args])
 
 

@@ -10,10 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-import models
-from benchmarks import bench
-from benchmarks.torch_twins import TWINNED_MODELS, torch_twin
-from training.state import to_model_input
+from flaxzoo import models
+from flaxzoo.benchmarks import bench
+from flaxzoo.benchmarks.torch_twins import TWINNED_MODELS, torch_twin
+from flaxzoo.training.steps import to_model_input
 
 torch = pytest.importorskip("torch", reason="the benchmark extra: pip install -e '.[bench]'")
 
@@ -45,7 +45,7 @@ def test_bench_cli_smoke(tmp_path):
   """A tiny setting, all three frameworks: the JSON line holds every figure, the CSV a row."""
   out_csv = tmp_path / "bench.csv"
   done = subprocess.run(
-      [sys.executable, "-m", "training", "bench", "--model", "mlp", "--batch-size", "16",
+      [sys.executable, "-m", "flaxzoo.training", "bench", "--model", "mlp", "--batch-size", "16",
        "--eval-batch-size", "32", "--steps", "2", "--repeats", "2", "--latency-calls", "20",
        "--no-memory", "--json", "--csv", str(out_csv)],
       capture_output=True, text=True, timeout=600)
@@ -65,7 +65,7 @@ def test_bench_cli_smoke(tmp_path):
 
 
 def test_csv_written_before_a_column_was_added_keeps_its_rows(tmp_path):
-  from benchmarks import report
+  from flaxzoo.benchmarks import report
   path = tmp_path / "bench.csv"
   old_columns = report.CSV_COLUMNS[:-3]
   path.write_text(",".join(old_columns) + "\n" + ",".join(
@@ -86,7 +86,7 @@ def test_peak_rss_of_a_training_process():
 def test_op_profile_times_the_same_ops_in_both_frameworks():
   """benchmarks/op_profile.py: every op of the ConvNet's step gets a JAX and a PyTorch time (the
   two sides compute the same op: the FLOPs are shared), and the whole step is the last row."""
-  from benchmarks import op_profile
+  from flaxzoo.benchmarks import op_profile
   rows = op_profile.profile(batch=2, repeats=1, calls=1)
   ops = [row["op"] for row in rows]
   assert ops[-1] == "train step (whole)" and "conv1 forward, layers.conv" in ops

@@ -3,9 +3,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-import data
 from conftest import tree_snapshot
+
+from flaxzoo import data
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():

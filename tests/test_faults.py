@@ -13,13 +13,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-import models
-import training
 from conftest import ROOT, tree_snapshot
-from training import checkpoint
-from training import config as config_lib
-from training.state import create_train_state
+
+from flaxzoo import models, training
+from flaxzoo.training import checkpoint
+from flaxzoo.training import config as config_lib
+from flaxzoo.training.state import create_train_state
 
 TINY = '{"widths": [4, 8], "hidden": 16}'
 STEPS = 30  # 3 epochs of 10 steps; checkpoints every 4 steps and at epoch ends (10, 20, 30)

@@ -9,17 +9,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-import data
-import models
-import training
-from conftest import run_cli
-from data import folders
-from training import checkpoint
-from training.config import Config, ConfigError
-from training.finetuning import load_pretrained
-from training.state import create_train_state, param_groups
+from flaxzoo import data, models, training
+from flaxzoo.data import folders
+from flaxzoo.training import checkpoint
+from flaxzoo.training.config import Config, ConfigError
+from flaxzoo.training.optimizer import param_groups
+from flaxzoo.training.pretrained import load_pretrained
+from flaxzoo.training.state import create_train_state
 
 TINY = {"widths": [4, 8], "hidden": 16}
 DIGIT_NAMES = ["zero", "one", "two", "three", "four"]
@@ -231,12 +230,12 @@ def test_cli_finetune_refuses_a_bad_freeze_pattern_before_loading_data(source, t
 
 def test_evaluate_counts_the_confusion_matrix_of_its_predictions(source, mnist_data_dir):
   """The on-device confusion matrix (padded, masked last batch) against one built from predict."""
-  from training import metrics
+  from flaxzoo.training import metrics
   model, variables, card = checkpoint.load_checkpoint(source)
   images, labels = data.load_split("mnist", "test", mnist_data_dir, limit=250)
   names = card["dataset"]["class_names"]
   result = training.evaluate(model, variables, images, labels, 100, names)  # 100+100+50 padded
-  predicted = training.predict(model, variables, images).argmax(1)
+  predicted = training.predict_arrays(model, variables, images).argmax(1)
   expected = metrics.confusion_matrix(labels, predicted, 10)
   assert result["confusion_matrix"] == expected.tolist()
   assert result["num_examples"] == 250

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 
-from training import metrics
+from flaxzoo.training import metrics
 
 # Hand example: 3 classes, 6 examples.
 LABELS = [0, 0, 0, 1, 1, 2]

@@ -1,12 +1,11 @@
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from models import ConvNet, MLP, create_model, list_models
+from flaxzoo import models
+from flaxzoo.models import MLP, ConvNet, create_model, list_models
 
 
 @pytest.mark.parametrize("name,cls", [("convnet", ConvNet), ("mlp", MLP)])
@@ -64,8 +63,9 @@ def test_register_model_rejects_a_taken_name():
 
 @pytest.mark.parametrize("shape", [(2, 28, 28, 3), (2, 7, 9, 2)])
 def test_max_pool_2x2_matches_linen_values_and_gradients(shape):
-  from models.layers import max_pool_2x2
   import flax.linen as nn
+
+  from flaxzoo.models.layers import max_pool_2x2
   x = jax.random.normal(jax.random.PRNGKey(0), shape)
   linen = lambda x: nn.max_pool(x, (2, 2), (2, 2))  # noqa: E731
   assert jnp.array_equal(max_pool_2x2(x), linen(x))
@@ -89,7 +89,8 @@ def test_conv_layer_matches_nn_conv(features, kernel, padding, in_channels, shap
   several-channel convolutions of batch-1 serving may round differently on some CPUs (the
   ConvNet's second convolution at batch 1 on an AVX2 EPYC: 3.6e-7 on outputs up to 2.1)."""
   import flax.linen as nn
-  from models import layers
+
+  from flaxzoo.models import layers
   x = jax.random.uniform(jax.random.PRNGKey(0), (*shape, in_channels))
   plain, fast = nn.Conv(features, kernel, padding=padding), layers.Conv(features, kernel, padding=padding)
   variables = plain.init(jax.random.PRNGKey(1), x)
@@ -114,7 +115,7 @@ def test_conv_layer_matches_nn_conv(features, kernel, padding, in_channels, shap
 def test_jitted_init_gives_the_eager_bits(name):
   """training.state.init_variables jits `model.init` for a faster start; every published run was
   initialised eagerly, so the parameters must be the same to the bit."""
-  from training.state import init_variables
+  from flaxzoo.training.state import init_variables
   model, key = create_model(name, num_classes=10), jax.random.PRNGKey(7)
   eager = model.init(key, jnp.zeros((1, 28, 28, 1)), train=False)
   jitted = init_variables(model, key, (28, 28, 1))
@@ -124,76 +125,9 @@ def test_jitted_init_gives_the_eager_bits(name):
 
 def test_conv_layer_leaves_other_convolutions_to_lax():
   import flax.linen as nn
-  from models import layers
+
+  from flaxzoo.models import layers
   for conv, x in [(dict(features=4, kernel_size=(3,)), jnp.ones((2, 10, 1))),  # 1-D
                   (dict(features=4, kernel_size=(3, 3), strides=2), jnp.ones((2, 8, 8, 1)))]:
     variables = nn.Conv(**conv).init(jax.random.PRNGKey(0), x)
     assert jnp.array_equal(layers.Conv(**conv).apply(variables, x), nn.Conv(**conv).apply(variables, x))
-
-
-def test_xla_runs_without_ynnpack_fusions():
-  """models/xla_flags.py turns YNNPACK fusions off before XLA starts (they made the CNNs' weight
-  gradients ~3x slower); the compiled train step must show none."""
-  import numpy as np
-  from training.config import Config
-  from training.state import create_train_state, train_step
-  state = create_train_state(create_model("convnet"), Config(), (28, 28, 1), 10)
-  images, labels = np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int32)
-  assert "__ynn_fusion" not in train_step.lower(state, images, labels).compile().as_text()
-
-
-def fresh_python(*args: str, **env_overrides: str):
-  """`python *args` in a new process at the project root, with none of the user's XLA or
-  flaxzoo/jax runtime settings unless given here."""
-  import os
-  import subprocess
-  from conftest import ROOT
-  env = {k: v for k, v in os.environ.items() if k not in models.xla_flags.ENVIRONMENT}
-  return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
-                        env=dict(env, PYTHONPATH=str(ROOT), **env_overrides), timeout=120)
-
-
-def test_cpu_programs_run_on_the_calling_thread_unless_the_user_says_otherwise():
-  """models/xla_flags.py turns jax's CPU async dispatch off (the hand-off to a worker thread cost
-  more than a batch-1 forward pass); a JAX_CPU_ENABLE_ASYNC_DISPATCH of the user's wins."""
-  program = "import models, jax; print(jax.config.values['jax_cpu_enable_async_dispatch'])"
-  for extra, expected in [({}, "False"), ({"JAX_CPU_ENABLE_ASYNC_DISPATCH": "1"}, "True"),
-                          ({"FLAXZOO_KEEP_XLA_FLAGS": "1"}, "True")]:
-    done = fresh_python("-c", program, **extra)
-    assert done.stdout.strip() == expected, (extra, done.stderr[-500:])
-
-
-MAPPED_BYTES_OF_A_100_MB_ARRAY = """
-import ctypes, sys
-import models
-import numpy as np
-class MallInfo2(ctypes.Structure):
-  _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
-              "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-libc = ctypes.CDLL("libc.so.6")
-if not hasattr(libc, "mallinfo2"):
-  sys.exit(77)
-libc.mallinfo2.restype = MallInfo2
-array = np.ones(100_000_000 // 8)
-print(libc.mallinfo2().hblkhd >= 100_000_000)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
-def test_large_blocks_come_from_the_heap_unless_the_user_says_otherwise():
-  """models/xla_flags.py stops glibc mapping (and page-faulting in) a fresh region for every block
-  over 32 MB, as XLA's per-call buffers of a big batch are; the user's MALLOC_* settings win."""
-  for extra, expected in [({}, "False"), ({"MALLOC_MMAP_THRESHOLD_": "33554432"}, "True"),
-                          ({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}, "True"),
-                          ({"FLAXZOO_KEEP_XLA_FLAGS": "1"}, "True")]:
-    done = fresh_python("-c", MAPPED_BYTES_OF_A_100_MB_ARRAY, **extra)
-    if done.returncode == 77:
-      pytest.skip("this C library has no glibc mallinfo2")
-    assert done.stdout.strip() == expected, (extra, done.stderr[-500:])
-
-
-def test_importing_models_after_jax_computed_warns_that_the_flags_cannot_apply():
-  late = fresh_python("-c", "import jax.numpy as jnp; jnp.ones(2).sum(); import models")
-  assert late.returncode == 0 and "JAX started XLA before `models` was imported" in late.stderr
-  early = fresh_python("-W", "error", "-c", "import models; import jax.numpy as jnp; jnp.ones(2).sum()")
-  assert early.returncode == 0, early.stderr

@@ -5,12 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-import data
-import models
-import training
-from training import checkpoint
-from training.config import Config, ConfigError, override, validate
-from training.state import create_train_state, train_step
+from flaxzoo import data, models, training
+from flaxzoo.training import checkpoint
+from flaxzoo.training.config import Config, ConfigError, override, validate
+from flaxzoo.training.state import create_train_state
+from flaxzoo.training.steps import train_step
 
 TINY = {"widths": [4, 8], "hidden": 16}
 
@@ -82,10 +81,10 @@ def test_model_card_round_trip(tmp_path, mnist_data_dir):
   assert card["step"] == 10 and card["epoch"] == 1
   assert training.config.from_dict(card["config"]) == config
   assert card["metrics"]["test"]["num_examples"] == 500
-  assert set(card["versions"]) == {"jax", "jaxlib", "flax", "optax", "orbax-checkpoint"}
+  assert set(card["versions"]) == {"flaxzoo", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint"}
   # predict on an array with the loaded model
   images, labels = data.load_split("mnist", "test", mnist_data_dir)
-  probs = training.predict(model, variables, images[:500])
+  probs = training.predict_arrays(model, variables, images[:500])
   assert probs.shape == (500, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
   assert np.mean(probs.argmax(1) == labels[:500]) == pytest.approx(card["metrics"]["test"]["accuracy"])
 
@@ -150,7 +149,8 @@ def test_unknown_or_mistyped_override_is_rejected():
 
 
 def test_named_config_fast_and_overrides():
-  from training.config import NAMED_CONFIGS, default_workdir, named_config
+  from flaxzoo.training.config import default_workdir
+  from flaxzoo.training.configs import NAMED_CONFIGS, named_config
   fast = named_config("fast")
   assert (fast.model, fast.epochs, fast.batch_size) == ("convnet", NAMED_CONFIGS["fast"]["epochs"],
                                                         NAMED_CONFIGS["fast"]["batch_size"])
@@ -160,7 +160,8 @@ def test_named_config_fast_and_overrides():
 
 @pytest.mark.parametrize("name", ["convnet", "resnet"])  # resnet: BatchNorm's running statistics
 def test_logits_in_passes_match_one_pass(name):
-  from training.state import init_variables, logits_step
+  from flaxzoo.training.evaluation import logits_step
+  from flaxzoo.training.state import init_variables
   model = models.create_model(name, num_classes=10)
   variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
   images = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
@@ -172,7 +173,8 @@ def test_logits_in_passes_match_one_pass(name):
 
 
 def test_passes_keep_an_eval_batch_temporaries_small():
-  from training.state import EVAL_TEMP_BYTES, eval_step, init_variables, passes_for
+  from flaxzoo.training.evaluation import EVAL_TEMP_BYTES, eval_step, passes_for
+  from flaxzoo.training.state import init_variables
 
   def temp_bytes(model, variables, batch, passes):
     compiled = eval_step.lower(model, variables, *batch, passes=passes).compile()

@@ -11,14 +11,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import data
-import models
 from conftest import ROOT, run_cli
-from models import profile
-from training import checkpoint
-from training.config import Config, ConfigError, default_config, validate
-from training.state import create_train_state, train_step
+
+from flaxzoo import data, models
+from flaxzoo.models import profile
+from flaxzoo.training import checkpoint
+from flaxzoo.training.config import Config, ConfigError, validate
+from flaxzoo.training.configs import default_config
+from flaxzoo.training.state import create_train_state
+from flaxzoo.training.steps import train_step
 
 ZOO = models.list_models()
 
@@ -144,14 +145,15 @@ def test_models_command_shows_params_and_flops():
 
 
 def test_every_run_draws_its_training_curves(tmp_path, mnist_data_dir):
-  import training
   from PIL import Image
+
+  from flaxzoo import training
   config = Config(model="lenet5", data_dir=mnist_data_dir, epochs=2, batch_size=64,
                   train_examples=256, test_examples=100)
   training.train_and_evaluate(config, tmp_path)
   with Image.open(tmp_path / "curves.png") as png:
     assert png.format == "PNG" and png.width > 300
-  from training.curves import epoch_curves
+  from flaxzoo.training.curves import epoch_curves
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   curves = epoch_curves(records)
   assert curves["epoch"] == [1, 2]
@@ -176,7 +178,7 @@ def test_results_script_runs_end_to_end_on_a_slice(tmp_path, mnist_data_dir):
 
 
 def test_shift_augmentation_moves_each_image_by_at_most_two_pixels():
-  from training.state import MAX_SHIFT, augment_images
+  from flaxzoo.training.augment import MAX_SHIFT, augment_images
   images = jnp.zeros((64, 12, 12, 1)).at[:, 4:8, 4:8, 0].set(1.0)  # a square away from the edges
   shifted = np.asarray(augment_images(jax.random.PRNGKey(0), images, "shift"))
   corners = np.array([np.argwhere(image[..., 0] > 0).min(0) for image in shifted])

@@ -1,15 +1,36 @@
-"""flaxzoo training: TrainState + optax, jitted steps, orbax checkpoints, the CLI."""
+"""flaxzoo training: TrainState + optax, jitted steps, orbax checkpoints, evaluation, the CLI.
 
-from training.checkpoint import CheckpointError, load_checkpoint, read_card
-from training.config import Config, ConfigError, default_config
-from training.state import TrainState, create_train_state, eval_step, predict_step, train_step
-from training.train import TrainingDiverged, TrainingInterrupted, evaluate, train_and_evaluate
-from training.finetuning import finetune, load_pretrained
-from training.inference import predict_arrays as predict
-from training.inference import evaluate_checkpoint, predict_files
+The names below load with the module that defines them, on first use, so that the CLI's light
+commands (`flaxzoo --help`, `flaxzoo models`) and `flaxzoo.training.config` never load orbax or
+optax.
+"""
+
+import importlib
+
+_WHERE = {
+    "checkpoint": ("load_checkpoint", "read_card"),
+    "config": ("Config", "ConfigError"),
+    "configs": ("default_config", "named_config"),
+    "errors": ("CheckpointError", "TrainingDiverged", "TrainingInterrupted"),
+    "evaluation": ("eval_step", "evaluate", "predict_step"),
+    "finetuning": ("finetune",),
+    "inference": ("evaluate_checkpoint", "predict_arrays", "predict_files"),
+    "pretrained": ("load_pretrained",),
+    "state": ("TrainState", "create_train_state"),
+    "steps": ("train_step",),
+    "train": ("train_and_evaluate",),
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
 
-__all__ = ["CheckpointError", "Config", "ConfigError", "default_config", "TrainState", "create_train_state",
-           "eval_step", "evaluate", "evaluate_checkpoint", "finetune", "load_checkpoint", "load_pretrained", "predict",
-           "predict_files", "predict_step", "read_card",
-           "train_and_evaluate", "train_step", "TrainingDiverged", "TrainingInterrupted"]
+def __getattr__(name: str):
+  if name not in _MODULE_OF:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted({*globals(), *__all__})

@@ -28,15 +28,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-import models
-from training.config import Config
-from training.state import TrainState
+from flaxzoo import models
+from flaxzoo.training.config import Config
+from flaxzoo.training.errors import CheckpointError
+from flaxzoo.training.state import TrainState
 
 CARD_FORMAT = "flaxzoo-model-card/1"
-
-
-class CheckpointError(Exception):
-  """A checkpoint problem the user can fix; the message is one line saying how."""
 
 
 class UnreadableCheckpoint(CheckpointError):
@@ -83,7 +80,7 @@ def saved_steps(workdir) -> list[int]:
 
 def make_card(model, config: Config, dataset_info, step: int, epoch: float, metrics: dict) -> dict:
   versions = {pkg: importlib.metadata.version(pkg)
-              for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")}
+              for pkg in ("flaxzoo", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint")}
   return {
       "format": CARD_FORMAT,
       "model": {"name": model.registered_name, "kwargs": models.model_kwargs(model)},
@@ -256,23 +253,29 @@ def _quiet_failed_reads():
   try:
     yield
   except UnreadableCheckpoint:
-    ignore_closed_loop_callbacks()
-    with warnings.catch_warnings():
-      warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
-      gc.collect()  # collect the tasks now, while asyncio is quiet
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _drop_closed_loop_errors(previous_hook)
+    try:
+      with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+        gc.collect()  # collect the tasks now, while asyncio is quiet
+    finally:
+      sys.unraisablehook = previous_hook
     raise
   finally:
     log.setLevel(level)
 
 
 def ignore_closed_loop_callbacks() -> None:
-  """After a failed read, tensorstore threads that finish late find orbax's event loop closed, and
-  orbax's abandoned read coroutines die with the same error when collected: Python would print a
-  traceback for each (hundreds of lines). Our one line has said what matters; these are dropped."""
-  previous = sys.unraisablehook
-  if getattr(previous, "flaxzoo", False):
-    return
+  """For the CLI's whole process: after a failed read, tensorstore threads that finish late find
+  orbax's event loop closed, and orbax's abandoned read coroutines die with the same error when
+  collected: Python would print a traceback for each (hundreds of lines). The CLI's one line has
+  said what matters; these are dropped. Library calls only drop those collected at once."""
+  if not getattr(sys.unraisablehook, "flaxzoo", False):
+    sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
 
+
+def _drop_closed_loop_errors(previous):
   def hook(unraisable):
     code = getattr(unraisable.object, "cr_code", None)
     from_orbax = code is not None and "orbax" in code.co_filename
@@ -281,7 +284,7 @@ def ignore_closed_loop_callbacks() -> None:
     if not (from_orbax or closed_loop):
       previous(unraisable)
   hook.flaxzoo = True
-  sys.unraisablehook = hook
+  return hook
 
 
 def read_card(workdir, step: int | None = None, quiet: bool = True) -> dict:
@@ -349,9 +352,7 @@ def load_checkpoint(workdir, step: int | None = None):
   def restore(manager, step):
     card = _read_card(manager, workdir, step)
     model = model_from_card(card)
-    shape = (1, *card["input_shape"])
-    abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jax.numpy.zeros(shape)))
-    target = _restore_target(dict(abstract))
+    target = _restore_target(models.abstract_variables(model, card["input_shape"]))
     variables = _read_state(manager, workdir, step, ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))

@@ -1,14 +1,12 @@
 """The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`, `bench`. Each does
-what the Python API does."""
+what the Python API does. Commands import what they use: `flaxzoo --help` and `flaxzoo models` load
+no orbax, optax or TensorFlow."""
 
 import argparse
 import json
 import logging
 import os
 import sys
-
-# Keep TensorFlow's and XLA's C++ start-up chatter out of the terminal.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _print_error(message: str) -> int:
@@ -17,15 +15,15 @@ def _print_error(message: str) -> int:
 
 
 def cmd_models(args) -> int:
-  import models
-  from models import profile
+  from flaxzoo import models
+  from flaxzoo.training import configs
   rows = []
   for name in models.list_models(args.pattern):
     model = models.create_model(name)
-    rows.append({"name": name, "params": profile.param_count(model),
-                 "flops_per_image": profile.flops_per_image(model),
+    rows.append({"name": name, "params": models.param_count(model),
+                 "flops_per_image": models.flops_per_image(model),
                  "description": models.model_description(name),
-                 "kwargs": models.model_kwargs(model), "train_defaults": models.train_defaults(name)})
+                 "kwargs": models.model_kwargs(model), "train_defaults": configs.model_recipe(name)})
   if args.json:
     print(json.dumps(rows))
   else:
@@ -36,12 +34,14 @@ def cmd_models(args) -> int:
   return 0
 
 
+TRAIN_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
+               "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype")
+
+
 def _train_overrides(args) -> dict:
   """Config overrides from the flags given (and --set KEY=VALUE), for train and finetune."""
-  from training.config import ConfigError
-  names = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
-           "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype")
-  overrides = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+  from flaxzoo.training.config import ConfigError
+  overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k, None) is not None}
   for item in args.set or []:
     key, sep, text = item.partition("=")
     if not sep:
@@ -54,17 +54,16 @@ def _train_overrides(args) -> dict:
 
 
 def cmd_train(args) -> int:
-  import data
-  from training import train
-  from training import config as config_lib
-  from training import checkpoint
+  from flaxzoo import data
+  from flaxzoo.training import checkpoint, configs, train
+  from flaxzoo.training import config as config_lib
   overrides = _train_overrides(args)
   if "dataset" in overrides:
     overrides["dataset"] = data.canonical_name(overrides["dataset"])  # folder:PATH, absolute
   if args.config:
-    config = config_lib.named_config(args.config, **overrides)
+    config = configs.named_config(args.config, **overrides)
   else:
-    config = config_lib.default_config(**{"model": "convnet", **overrides})
+    config = configs.default_config(**{"model": "convnet", **overrides})
   workdir = args.workdir or config_lib.default_workdir(config, args.config)
   if checkpoint.saved_steps(workdir):
     # Continue the saved run: its config is the base, the flags given now change it.
@@ -75,7 +74,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-  from training.finetuning import finetune
+  from flaxzoo.training.finetuning import finetune
   overrides = _train_overrides(args)
   dataset = overrides.pop("dataset")
   finetune(args.source, dataset, args.workdir, step=args.step, **overrides)
@@ -83,7 +82,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_predict(args) -> int:
-  from training.inference import predict_files
+  from flaxzoo.training.inference import predict_files
   if args.top_k < 1:
     return _print_error(f"--top-k must be at least 1, got {args.top_k}")
   predictions, errors, card = predict_files(args.workdir, args.images, args.top_k, args.step)
@@ -100,7 +99,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_eval(args) -> int:
-  from training.inference import evaluate_checkpoint
+  from flaxzoo.training.inference import evaluate_checkpoint
   result = evaluate_checkpoint(args.workdir, args.split, args.step, args.data_dir, args.manual_dir)
   print(f"{args.workdir} step {result['step']}: {result['dataset']} {args.split} accuracy "
         f"{result['accuracy']:.2%}, macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f} "
@@ -116,7 +115,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-  from benchmarks import report
+  from flaxzoo.benchmarks import report
   frameworks = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
   log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
   result = report.benchmark(model=args.model, batch_size=args.batch_size,
@@ -130,6 +129,26 @@ def cmd_bench(args) -> int:
   return 0
 
 
+def _training_flags() -> argparse.ArgumentParser:
+  """The flags `train` and `finetune` share (each adds its own around them)."""
+  parent = argparse.ArgumentParser(add_help=False)
+  parent.add_argument("--workdir", help="checkpoints and metrics.jsonl (default checkpoints/<dataset>-"
+                      "<model>; for finetune <dataset>-<model>-from-<SRC name>)")
+  parent.add_argument("--epochs", type=int, help="default: the recipe's (finetune: the source run's)")
+  parent.add_argument("--batch-size", type=int)
+  parent.add_argument("--learning-rate", type=float, help="peak learning rate of the one-cycle schedule")
+  parent.add_argument("--seed", type=int)
+  parent.add_argument("--checkpoint-every-steps", type=int, metavar="K",
+                      help="also save a checkpoint every K steps (default: at epoch ends only)")
+  parent.add_argument("--dtype", choices=("float32", "bfloat16"),
+                      help="training compute dtype (parameters and optimizer state stay float32)")
+  parent.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
+  parent.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
+  parent.add_argument("--set", action="append", metavar="KEY=VALUE",
+                      help="override any config field, e.g. --set model_kwargs='{\"widths\": [8, 16]}'")
+  return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="flaxzoo", description="Flax model zoo: train, evaluate "
                                    "and checkpoint image classifiers on tfds datasets.")
@@ -140,46 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--json", action="store_true", help="print one JSON list")
   p.set_defaults(func=cmd_models)
 
-  p = sub.add_parser("train", help="train a model (continues from WORKDIR's latest checkpoint)")
-  p.add_argument("--config", metavar="NAME", help="a named setup, e.g. fast (>= 99%% on MNIST in "
-                 "one epoch); the other flags override it")
+  training_flags = _training_flags()
+  p = sub.add_parser("train", parents=[training_flags],
+                     help="train a model (continues from WORKDIR's latest checkpoint)")
+  p.add_argument("--config", metavar="NAME", help="a named setup from training/configs.py: fast "
+                 "(>= 99%% on MNIST in two epochs) or a model's recipe; the other flags override it")
   p.add_argument("--model", help="registered model name (default convnet)")
-  p.add_argument("--dataset", help="tfds dataset name (default mnist)")
-  p.add_argument("--workdir", help="checkpoints and metrics.jsonl (default checkpoints/<dataset>-<model>)")
-  p.add_argument("--epochs", type=int)
-  p.add_argument("--batch-size", type=int)
-  p.add_argument("--learning-rate", type=float, help="peak learning rate of the one-cycle schedule")
-  p.add_argument("--seed", type=int)
-  p.add_argument("--checkpoint-every-steps", type=int, metavar="K",
-                 help="also save a checkpoint every K steps (default: at epoch ends only)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"),
-                 help="training compute dtype (parameters and optimizer state stay float32)")
-  p.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
-  p.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
-  p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                 help="override any config field, e.g. --set model_kwargs='{\"widths\": [8, 16]}'")
+  p.add_argument("--dataset", help="tfds dataset name (default mnist) or folder:PATH")
   p.set_defaults(func=cmd_train)
 
-  p = sub.add_parser("finetune", help="fine-tune a trained checkpoint on another dataset")
+  p = sub.add_parser("finetune", parents=[training_flags],
+                     help="fine-tune a trained checkpoint on another dataset")
   p.add_argument("--from", dest="source", required=True, metavar="SRC_WORKDIR",
                  help="workdir of the trained model (its newest readable checkpoint)")
   p.add_argument("--dataset", required=True,
                  help="tfds dataset name (e.g. fashion_mnist) or folder:PATH of class subfolders")
-  p.add_argument("--workdir", help="default checkpoints/<dataset>-<model>-from-<SRC name>")
+  p.add_argument("--step", type=int, help="source checkpoint step (default: its newest)")
   p.add_argument("--freeze", help="none (default), backbone (all but the head), or comma-separated "
                  "wildcards of parameter paths, e.g. 'Conv_*'")
   p.add_argument("--head-learning-rate", type=float, metavar="LR",
                  help="peak learning rate of the classifier head (default: --learning-rate)")
-  p.add_argument("--epochs", type=int, help="default: the source run's")
-  p.add_argument("--learning-rate", type=float, help="peak learning rate (default: the source run's)")
-  p.add_argument("--batch-size", type=int)
-  p.add_argument("--seed", type=int)
-  p.add_argument("--step", type=int, help="source checkpoint step (default: its newest)")
-  p.add_argument("--checkpoint-every-steps", type=int, metavar="K")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), help="training compute dtype")
-  p.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
-  p.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
-  p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config field")
   p.set_defaults(func=cmd_finetune)
 
   p = sub.add_parser("predict", help="classify image files with a trained checkpoint")
@@ -217,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--time-to-accuracy", action="store_true", help="also: wall time to 99.0%% MNIST "
                  "test accuracy, flaxzoo train --config fast against a plain PyTorch script")
   p.add_argument("--manual-dir", help="MNIST raw files (default $FLAXZOO_MANUAL_DIR/mnist)")
-  p.add_argument("--csv", default="results/bench.csv", help="each run appends a row here")
+  p.add_argument("--csv", metavar="PATH", help="also append the run as one row to this CSV file")
   p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
   p.set_defaults(func=cmd_bench)
   return parser
@@ -225,25 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  import absl.logging
-  from training import checkpoint
-  if not os.environ.get("FLAXZOO_DEBUG"):
+  # Process-wide settings belong to the entry point: TensorFlow's and XLA's C++ start-up chatter
+  # off, then flaxzoo's measured XLA:CPU settings before anything computes.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from flaxzoo import runtime
+  runtime.configure()
+  from flaxzoo.training.errors import USER_ERRORS, TrainingInterrupted
+  if not os.environ.get("FLAXZOO_DEBUG") and args.command != "models":
     # orbax logs routine notices as warnings, and a failure it raises as an error log with a
     # traceback from each of its threads; the one line below says what went wrong and what to do.
+    import absl.logging
+
+    from flaxzoo.training import checkpoint
     absl.logging.set_verbosity(absl.logging.FATAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its tasks' errors, once more
     checkpoint.ignore_closed_loop_callbacks()
-  from data import DataError
-  from models import UnknownModelError
-  from training.checkpoint import CheckpointError
-  from training.config import ConfigError
-  from training.train import TrainingDiverged, TrainingInterrupted
   try:
     return args.func(args)
-  except (DataError, ConfigError, CheckpointError, UnknownModelError, TrainingDiverged) as e:
+  except USER_ERRORS as e:
     return _print_error(str(e))
   except TrainingInterrupted as e:
     print(f"flaxzoo: {e}", file=sys.stderr)
     return e.exit_status
   except KeyboardInterrupt:
-    return _print_error("interrupted") or 130
+    _print_error("interrupted")
+    return 130

@@ -11,7 +11,8 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class Config:
-  # What is trained. Defaults reach >= 99.0 % MNIST test accuracy (see README for the measured run).
+  # What is trained. Defaults reach >= 99.0 % MNIST test accuracy (README, Result); per-model
+  # recipes on top of these are in training/configs.py.
   model: str = "convnet"
   model_kwargs: dict = dataclasses.field(default_factory=dict)  # constructor args, e.g. widths
   dataset: str = "mnist"
@@ -31,7 +32,7 @@ class Config:
   log_every_steps: int = 100  # a train record in metrics.jsonl every N steps (and at epoch ends)
   dtype: str = "float32"  # training compute: float32 or bfloat16 (params, optimizer state: float32)
   augment: str = "none"  # none | shift (random translation by up to 2 pixels, during training)
-  # Fine-tuning (set by `flaxzoo finetune` / `training.finetune`; see training/finetune.py).
+  # Fine-tuning (set by `flaxzoo finetune` / `training.finetune`; see training/finetuning.py).
   init_from: str | None = None  # workdir whose checkpoint initialises the model
   init_step: int | None = None  # that checkpoint's step, fixed when the fine-tune starts
   freeze: str = "none"  # none | backbone | comma-separated wildcards of parameter paths
@@ -81,30 +82,6 @@ def override(config: Config, overrides: dict) -> Config:
 def from_dict(values: dict) -> Config:
   """A Config from a JSON dict (a model card's), type-checked like any override."""
   return override(Config(), values)
-
-
-def default_config(model: str = "convnet", **overrides) -> Config:
-  """`Config` for `model` with the training defaults it was registered with, then `overrides`."""
-  import models
-  return override(Config(model=model), {**models.train_defaults(model), **overrides})
-
-
-# `flaxzoo train --config NAME`: whole training setups; flags given beside --config override them.
-NAMED_CONFIGS = {
-    # >= 99.0 % MNIST test accuracy, whatever the seed, in the least wall time on a 2-core CPU: two
-    # epochs on a one-cycle schedule. One epoch (batch 64) lands at 99.0 +- 0.05 % and missed the
-    # target at some seeds and on AVX-512 numerics; docs/benchmarks.md has the measured runs.
-    "fast": dict(model="convnet", epochs=2, batch_size=128, learning_rate=1.5e-2,
-                 warmup_fraction=0.2),
-}
-
-
-def named_config(name: str, **overrides) -> Config:
-  """The named setup `name` (see NAMED_CONFIGS), then `overrides`."""
-  if name not in NAMED_CONFIGS:
-    raise ConfigError(f"unknown --config {name!r}; named configs: {', '.join(NAMED_CONFIGS)}")
-  values = {**NAMED_CONFIGS[name], **overrides}
-  return default_config(values.pop("model"), **values)
 
 
 def validate(config: Config) -> None:

@@ -1,10 +1,11 @@
 """The training-curve picture: loss and accuracy per epoch, train and test, from metrics.jsonl."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
+
+from flaxzoo.files import replace_atomically
 
 
 def epoch_curves(records: list[dict]) -> dict:
@@ -41,10 +42,7 @@ def save_training_curves(metrics_path, png_path, title: str) -> None:
     axes.set_xticks(curves["epoch"])
     axes.grid(alpha=0.3)
     axes.legend()
-  png_path = Path(png_path)
-  tmp = png_path.with_name(f".{png_path.name}.tmp.png")
   try:
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, png_path)
+    replace_atomically(png_path, lambda tmp: figure.savefig(tmp, format="png"))
   finally:
     figure.clear()

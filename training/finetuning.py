@@ -1,123 +1,17 @@
-"""Fine-tuning: a trained checkpoint's parameters in a model for a new dataset.
-
-`load_pretrained` merges a checkpoint's variables into a freshly initialised model: every array
-whose path and shape match is loaded; the classifier head (`head/…`) is re-initialised when the
-number of classes differs; any other shape difference is an error listing each path with both
-shapes. `finetune` is `train_and_evaluate` with a config that says where the weights come from
-(`init_from`, `init_step`), what stays frozen and the source model's input shape, to which the
-new dataset's images are converted. A fine-tune checkpoints and resumes like any run.
+"""Fine-tuning: `train_and_evaluate` with a config that says where the weights come from
+(`init_from`, `init_step`), what stays frozen and the source model's input shape, to which the new
+dataset's images are converted. A fine-tune checkpoints and resumes like any run; the weight
+surgery itself is `training.pretrained`.
 """
 
 import dataclasses
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-from flax import traverse_util
-
-import data
-from training import checkpoint
-from training import config as config_lib
-from training.state import init_variables, param_groups, param_path
-
-
-@dataclasses.dataclass
-class PretrainedReport:
-  """What `load_pretrained` did, by variable path ('Conv_0/kernel'; 'batch_stats/…' for
-  non-parameter collections)."""
-  source_workdir: str
-  source_step: int
-  source_card: dict
-  loaded: list
-  reinitialized: list
-  reinitialized_why: str = ""
-
-  def lines(self) -> list[str]:
-    lines = [f"loaded ({len(self.loaded)}): {', '.join(self.loaded) or 'nothing'}"]
-    if self.reinitialized:
-      lines.append(f"re-initialised ({len(self.reinitialized)}): {', '.join(self.reinitialized)}"
-                   f" ({self.reinitialized_why})")
-    else:
-      lines.append("re-initialised: none")
-    return lines
-
-
-def _name(key: str) -> str:
-  """'params/Conv_0/kernel' -> 'Conv_0/kernel'; other collections keep their prefix."""
-  return key.removeprefix("params/")
-
-
-def is_head(key: str) -> bool:
-  """Whether a flattened variable key ('params/head/kernel') belongs to the classifier."""
-  return key.split("/")[1] == "head"
-
-
-def load_pretrained(source_workdir, model, input_shape=None, *, step: int | None = None,
-                    seed: int = 0, variables: dict | None = None):
-  """`(variables, report)`: `model`'s variables with every matching array from the checkpoint.
-
-  `variables`: the freshly initialised variables to merge into (default: `model.init` with
-  `seed` at `input_shape`, which defaults to the checkpoint's input shape). Raises CheckpointError
-  listing every path whose shape differs, unless only the head's does because the number of
-  classes changed (then the head keeps its fresh initialisation).
-  """
-  _, source_variables, card = checkpoint.load_checkpoint(source_workdir, step)
-  if variables is None:
-    variables = init_variables(model, jax.random.PRNGKey(seed), input_shape or card["input_shape"])
-  fresh = traverse_util.flatten_dict(dict(variables), sep="/")
-  source = traverse_util.flatten_dict(dict(source_variables), sep="/")
-  classes_changed = card["num_classes"] != model.num_classes
-  merged, loaded, reinitialized, mismatched = {}, [], [], []
-  for key, leaf in fresh.items():
-    old = source.get(key)
-    if old is not None and old.shape == leaf.shape:
-      merged[key] = jnp.asarray(old, leaf.dtype)
-      loaded.append(_name(key))
-    elif old is not None and not (classes_changed and is_head(key)):
-      mismatched.append(f"{_name(key)}: checkpoint {tuple(old.shape)}, model {tuple(leaf.shape)}")
-    else:
-      merged[key] = leaf
-      reinitialized.append(_name(key))
-  if mismatched:
-    raise checkpoint.CheckpointError(
-        f"cannot load {source_workdir} step {card['step']} into {model.registered_name}: shapes "
-        f"differ at {'; '.join(mismatched)}. Only the classifier head may differ, when the number "
-        f"of classes changes; build the model with the checkpoint's arguments "
-        f"{card['model']['kwargs']} and input shape {card['input_shape']}")
-  missing = [k for k in fresh if k not in source]
-  why = []
-  if classes_changed:
-    why.append(f"the checkpoint has {card['num_classes']} classes, the model "
-               f"{model.num_classes}")
-  if missing:
-    why.append(f"{len(missing)} not in the checkpoint")
-  report = PretrainedReport(str(source_workdir), card["step"], card, sorted(loaded),
-                            sorted(reinitialized), "; ".join(why))
-  return traverse_util.unflatten_dict(merged, sep="/"), report
-
-
-def frozen_paths(params, freeze: str) -> list[str]:
-  labels = param_groups(params, freeze)
-  return [param_path(p) for p, label in jax.tree_util.tree_flatten_with_path(labels)[0]
-          if label == "frozen"]
-
-
-def abstract_params(card: dict):
-  """Shapes of the parameters of the model a card describes (nothing computed or allocated)."""
-  model = checkpoint.model_from_card(card)
-  shape = (1, *card["input_shape"])
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape)))["params"]
-
-
-def lineage(report: PretrainedReport, frozen: list[str]) -> dict:
-  """What a fine-tuned model card records about where its weights came from."""
-  card = report.source_card
-  return {"source_workdir": str(Path(report.source_workdir).absolute()),
-          "source_step": report.source_step,
-          "source_dataset": card["dataset"]["name"],
-          "source_model": card["model"]["name"],
-          "source_test_accuracy": card["metrics"].get("test", {}).get("accuracy"),
-          "loaded": report.loaded, "reinitialized": report.reinitialized, "frozen": frozen}
+from flaxzoo import data, models, runtime
+from flaxzoo.training import checkpoint
+from flaxzoo.training import config as config_lib
+from flaxzoo.training.pretrained import frozen_paths
+from flaxzoo.training.train import train_and_evaluate
 
 
 def finetune_config(source_card: dict, source_workdir, dataset: str, **overrides):
@@ -141,11 +35,13 @@ def finetune(source_workdir, dataset: str, workdir=None, *, freeze: str = "none"
   `workdir` defaults to checkpoints/<dataset>-<model>-from-<source workdir name>; a re-run
   continues it. `overrides`: any Config field (learning_rate=..., batch_size=..., ...).
   """
-  from training.train import train_and_evaluate
+  runtime.configure()
   source_card = checkpoint.read_card(source_workdir, step)
   config = finetune_config(source_card, source_workdir, dataset, freeze=freeze,
                            head_learning_rate=head_learning_rate, epochs=epochs, **overrides)
-  frozen_paths(abstract_params(source_card), config.freeze)  # a bad --freeze fails before any data
+  source_model = checkpoint.model_from_card(source_card)
+  source_params = models.abstract_variables(source_model, source_card["input_shape"])["params"]
+  frozen_paths(source_params, config.freeze)  # a bad --freeze fails before any data
   workdir = Path(workdir or config_lib.default_workdir(config))
   if checkpoint.saved_steps(workdir):
     saved = config_lib.from_dict(checkpoint.read_card(workdir)["config"])
@@ -153,13 +49,3 @@ def finetune(source_workdir, dataset: str, workdir=None, *, freeze: str = "none"
       # The source may have trained on since this fine-tune began: it continues from its start.
       config = dataclasses.replace(config, init_step=saved.init_step)
   return train_and_evaluate(config, workdir)
-
-
-def print_report(report: PretrainedReport, frozen: list[str], dataset: str) -> None:
-  card = report.source_card
-  print(f"Fine-tuning {card['model']['name']} from {report.source_workdir} step "
-        f"{report.source_step} (trained on {card['dataset']['name']}) on {dataset}:",
-        flush=True)
-  for line in report.lines() + [f"frozen ({len(frozen)}): {', '.join(frozen)}" if frozen
-                                else "frozen: none"]:
-    print(f"  {line}", flush=True)

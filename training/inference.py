@@ -2,18 +2,17 @@
 and a full evaluation on its dataset."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from data import images as image_lib
-from data.datasets import DataError
-from training import checkpoint
-from training import compile_cache
-from training.config import dataset_slug
-from training.state import passes_for, predict_step
+from flaxzoo import data
+from flaxzoo.data import images as image_lib
+from flaxzoo.files import replace_atomically
+from flaxzoo.training import checkpoint, metrics
+from flaxzoo.training.config import dataset_slug
+from flaxzoo.training.evaluation import evaluate, passes_for, predict_step
 
 
 def predict_arrays(model, variables, images, batch_size: int = 1000) -> np.ndarray:
@@ -26,7 +25,7 @@ def predict_arrays(model, variables, images, batch_size: int = 1000) -> np.ndarr
   return np.concatenate(probabilities)
 
 
-def predict_files(workdir, paths, top_k: int = 5, step: int | None = None):
+def predict_files(workdir, paths, top_k: int = 3, step: int | None = None):
   """`(predictions, errors, card)` for image files, using the checkpoint in `workdir`.
 
   predictions: one dict per readable file, `{"file", "top_k": [{"class", "probability"}, ...]}`,
@@ -34,7 +33,6 @@ def predict_files(workdir, paths, top_k: int = 5, step: int | None = None):
   (the others are still predicted). Images are converted to the model's input shape; when any is,
   that is stated once on stderr.
   """
-  compile_cache.enable()
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
   shape = tuple(card["input_shape"])
   class_names = card["dataset"]["class_names"]
@@ -42,7 +40,7 @@ def predict_files(workdir, paths, top_k: int = 5, step: int | None = None):
   for path in paths:
     try:
       image = image_lib.open_image(path)
-    except DataError as e:
+    except data.DataError as e:
       errors.append({"file": str(path), "error": str(e)})
       continue
     shapes.append(image_lib.pil_shape(image))
@@ -71,9 +69,6 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
   With `save`, also writes WORKDIR/eval-<split>.json and WORKDIR/confusion-<split>.png; their
   paths are in the result's "files" (a folder that cannot be written to only gets a warning).
   """
-  import data
-  from training.train import evaluate
-  compile_cache.enable()
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
   saved = card["config"]
   name = card["dataset"]["name"]
@@ -93,19 +88,14 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
 
 def save_evaluation(result: dict, workdir: Path) -> list[str]:
   """eval-<split>.json and confusion-<split>.png in `workdir`, each written whole or not at all."""
-  from training import metrics
   split = result["split"]
   json_path, png_path = workdir / f"eval-{split}.json", workdir / f"confusion-{split}.png"
   try:
-    for path, write in (
-        (json_path, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n")),
-        (png_path, lambda tmp: metrics.save_confusion_png(
-            np.asarray(result["confusion_matrix"]), result["class_names"], tmp,
-            f"{result['model']} step {result['step']}, accuracy {result['accuracy']:.2%}\n"
-            f"{dataset_slug(result['dataset'])} {split}"))):
-      tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-      write(tmp)
-      os.replace(tmp, path)
+    replace_atomically(json_path, lambda tmp: tmp.write_text(json.dumps(result, indent=1) + "\n"))
+    replace_atomically(png_path, lambda tmp: metrics.save_confusion_png(
+        np.asarray(result["confusion_matrix"]), result["class_names"], tmp,
+        f"{result['model']} step {result['step']}, accuracy {result['accuracy']:.2%}\n"
+        f"{dataset_slug(result['dataset'])} {split}"))
   except OSError as e:
     print(f"flaxzoo: warning: could not write the evaluation files in {workdir} ({e.strerror}); "
           f"the result above is complete", file=sys.stderr)

@@ -8,7 +8,6 @@ travel in the checkpoint's card, so the log too comes out record for record the 
 """
 
 import dataclasses
-import itertools
 import json
 import os
 import signal
@@ -22,53 +21,15 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-import data
-import models
-from training import checkpoint
-from training import compile_cache
-from training import config as config_lib
-from training import curves
-from training import finetuning
-from training import metrics
-from training.config import Config, ConfigError
-from training.state import TrainState, create_train_state, eval_step, passes_for, train_step
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-  """SIGINT/SIGTERM stopped training after a checkpoint was written; `exit_status` is 128+signal."""
-
-  def __init__(self, message: str, signum: int):
-    super().__init__(message)
-    self.exit_status = 128 + signum
-
-
-class TrainingDiverged(Exception):
-  """The loss became NaN or infinite; nothing after the last good checkpoint was saved."""
-
-  def __init__(self, message: str, last_saved: int | None):
-    super().__init__(message)
-    self.last_saved = last_saved
-
-
-def evaluate(model, variables, images, labels, batch_size: int, class_names=None) -> dict:
-  """Loss, accuracy and macro-F1 over every example (the last batch is padded and masked); with
-  `class_names`, also per-class accuracy and the confusion matrix (see `training.metrics`)."""
-  batches = data.eval_batches(images, labels, batch_size)  # all of one shape: one `passes`
-  first = next(batches)
-  passes = passes_for(eval_step, model, variables, *first)
-  sums = jax.device_get([eval_step(model, variables, *batch, passes=passes)
-                         for batch in itertools.chain([first], batches)])
-  totals = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}
-  names = class_names or [str(i) for i in range(len(totals["confusion"]))]
-  report = metrics.classification_metrics(totals["confusion"], names)
-  result = {"loss": float(totals["loss_sum"] / totals["count"]),
-            "accuracy": float(totals["correct"] / totals["count"]),
-            "macro_f1": report["macro_f1"],
-            "num_examples": int(totals["count"])}
-  if class_names:
-    result.update((k, report[k]) for k in ("per_class_accuracy", "per_class", "class_names",
-                                           "confusion_matrix"))
-  return result
+from flaxzoo import data, models, runtime
+from flaxzoo.files import replace_atomically
+from flaxzoo.training import checkpoint, curves, pretrained
+from flaxzoo.training import config as config_lib
+from flaxzoo.training.config import Config, ConfigError
+from flaxzoo.training.errors import TrainingDiverged, TrainingInterrupted
+from flaxzoo.training.evaluation import evaluate
+from flaxzoo.training.state import TrainState, create_train_state
+from flaxzoo.training.steps import train_step
 
 
 class MetricsLog:
@@ -86,9 +47,7 @@ class MetricsLog:
     kept = "".join(line + "\n" for line in text.splitlines()
                    if _record_step(line) is not None and _record_step(line) <= step)
     if kept != text:
-      tmp = self.path.with_suffix(".tmp")
-      tmp.write_text(kept)
-      os.replace(tmp, self.path)
+      replace_atomically(self.path, lambda tmp: tmp.write_text(kept))
 
   def write(self, record: dict) -> None:
     with open(self.path, "a") as f:
@@ -204,7 +163,7 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   raises TrainingDiverged without saving.
   """
   workdir = Path(workdir)
-  compile_cache.enable()
+  runtime.configure()
   config = dataclasses.replace(config, dataset=data.canonical_name(config.dataset))
   config_lib.validate(config)
   try:  # fail on a bad model name or argument before any data are loaded
@@ -253,12 +212,12 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
     print(f"Resuming {workdir} from step {last_saved} (epoch {last_saved / steps_per_epoch:.2f} "
           f"of {config.epochs}).", file=sys.stderr)
   elif config.init_from:
-    variables, report = finetuning.load_pretrained(config.init_from, model, step=config.init_step,
-                                                 variables=state.variables())
+    variables, report = pretrained.load_pretrained(config.init_from, model, step=config.init_step,
+                                                   variables=state.variables())
     state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
-    frozen = finetuning.frozen_paths(state.params, config.freeze)
-    finetuning.print_report(report, frozen, info.name)
-    lineage = finetuning.lineage(report, frozen)
+    frozen = pretrained.frozen_paths(state.params, config.freeze)
+    pretrained.print_report(report, frozen, info.name)
+    lineage = pretrained.lineage(report, frozen)
   check_writable(workdir, create=True)
   checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
   metrics_log = MetricsLog(workdir / "metrics.jsonl")
@@ -267,8 +226,8 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   run = Run(config, workdir, model, info, steps_per_epoch, manager, metrics_log, lineage)
   try:
     with StopRequests() as stop:
-      state = train_epochs(run, state, latest_metrics, pending, last_saved, stop,
-                           (train_images, train_labels), (test_images, test_labels))
+      state, latest_metrics = train_epochs(run, state, latest_metrics, pending, last_saved, stop,
+                                           (train_images, train_labels), (test_images, test_labels))
     checkpoint.wait(manager, config.keep_checkpoints)
   except TrainingDiverged as e:
     _close_quietly(manager)  # the save in flight holds a good state: let it commit
@@ -317,10 +276,12 @@ def draw_curves(run: Run) -> None:
 
 
 def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, train_split,
-                 test_split) -> TrainState:
+                 test_split) -> tuple[TrainState, dict]:
   """The loop: epochs of jitted steps, a train record every `log_every_steps`, a test record and a
-  checkpoint at every epoch end (and every `checkpoint_every_steps`)."""
+  checkpoint at every epoch end (and every `checkpoint_every_steps`). Returns the final state and
+  the latest train and test records."""
   config, workdir, manager, steps_per_epoch = run.config, run.workdir, run.manager, run.steps_per_epoch
+  latest_metrics = dict(latest_metrics)
   step = int(state.step)
   window = list(pending)  # per-step train metrics not yet written to metrics.jsonl
   epoch_metrics = []
@@ -402,4 +363,4 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
           f"test loss {test['loss']:.4f} acc {test['accuracy']:.2%}  "
           f"{trained / train_seconds:.0f} img/s  {train_seconds:.1f} s", flush=True)
     stop_if_requested()
-  return state
+  return state, latest_metrics

@@ -1,0 +1,22 @@
+"""What every data module shares: the dataset types and the one error a user can fix."""
+
+import dataclasses
+
+
+class DataError(Exception):
+  """A data problem the user can fix; the message is one line saying how."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  name: str
+  num_classes: int
+  class_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]  # (H, W, C)
+  num_examples: dict  # split name -> count
+
+
+@dataclasses.dataclass
+class Dataset:
+  info: DatasetInfo
+  splits: dict  # split name -> (images uint8 (N, H, W, C), labels int32 (N,))

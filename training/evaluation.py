@@ -1,0 +1,99 @@
+"""Evaluation and prediction: eval-mode logits (in passes when one call's temporaries would be
+large), the jitted eval and predict steps, and `evaluate` over a whole split."""
+
+import functools
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flaxzoo import data
+from flaxzoo.training import metrics
+from flaxzoo.training.steps import cross_entropy, to_model_input
+
+# The most temporary memory one evaluation or prediction call may take before its batch is split
+# into passes. XLA allocates a program's temporaries as one block on every call, often on one of
+# its own threads (strace). A block over 64 MB does not fit such a thread's malloc arena, so glibc
+# maps it afresh and every 4 kB page faults in again: ~19,000 faults in most ConvNet eval calls at
+# batch 1000, whatever models/xla_flags.py sets. In passes the block stays at most half that and is
+# reused; the MLP and ViT-tiny fit and run in one pass as before (docs/benchmarks.md, "Eval in
+# passes": test-set eval 1.15-1.95x faster where one-pass calls faulted, 0.93x where they did not).
+EVAL_TEMP_BYTES = 32 << 20
+
+
+def logits_in_passes(model: nn.Module, variables, images, passes: int = 1):
+  """Eval-mode logits of `images` (N, H, W, C), `passes` chunks one after another inside one
+  program (`lax.map`; the batch padded to a multiple of `passes`, the padding dropped)."""
+  apply = lambda x: model.apply(variables, to_model_input(x), train=False)  # noqa: E731
+  if passes <= 1:
+    return apply(images)
+  n = images.shape[0]
+  chunk = -(-n // passes)
+  padded = jnp.pad(images, ((0, chunk * passes - n),) + ((0, 0),) * (images.ndim - 1))
+  logits = jax.lax.map(apply, padded.reshape(passes, chunk, *images.shape[1:]))
+  return logits.reshape(passes * chunk, *logits.shape[2:])[:n]
+
+
+def passes_for(jitted, model: nn.Module, variables, images, *rest) -> int:
+  """The `passes` that keeps the call `jitted(model, variables, images, *rest)` under
+  EVAL_TEMP_BYTES of temporaries (1 when one pass fits), from XLA's memory analysis of the one-pass
+  program, whose compilation that call then reuses. Remembered per shape."""
+  leaves, treedef = jax.tree.flatten((variables, images, *rest))
+  specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves)
+  return _passes_for(jitted, model, treedef, specs, np.shape(images)[0])
+
+
+@functools.lru_cache(maxsize=64)
+def _passes_for(jitted, model, treedef, specs, batch: int) -> int:
+  lowered = jitted.lower(model, *jax.tree.unflatten(treedef, specs), passes=1)
+  analysis = lowered.compile().memory_analysis()
+  temp = getattr(analysis, "temp_size_in_bytes", 0) or 0  # None: a backend without the analysis
+  return int(max(1, min(batch, -(-temp // EVAL_TEMP_BYTES))))
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
+def eval_step(model: nn.Module, variables, images, labels, mask, passes: int = 1):
+  """Sums over one (padded) batch: loss, correct predictions, real examples, and the confusion
+  matrix (rows: true class, columns: predicted class). `passes`: see `passes_for`."""
+  logits = logits_in_passes(model, variables, images, passes)
+  predictions = jnp.argmax(logits, -1)
+  num_classes = logits.shape[-1]
+  confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, predictions].add(
+      mask.astype(jnp.int32))
+  return {"loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
+          "correct": jnp.sum((predictions == labels) * mask),
+          "count": jnp.sum(mask),
+          "confusion": confusion}
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
+def logits_step(model: nn.Module, variables, images, passes: int = 1):
+  return logits_in_passes(model, variables, images, passes)
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
+def predict_step(model: nn.Module, variables, images, passes: int = 1):
+  return jax.nn.softmax(logits_in_passes(model, variables, images, passes))
+
+
+def evaluate(model, variables, images, labels, batch_size: int, class_names=None) -> dict:
+  """Loss, accuracy and macro-F1 over every example (the last batch is padded and masked); with
+  `class_names`, also per-class accuracy and the confusion matrix (see `training.metrics`)."""
+  batches = data.eval_batches(images, labels, batch_size)  # all of one shape: one `passes`
+  first = next(batches)
+  passes = passes_for(eval_step, model, variables, *first)
+  sums = jax.device_get([eval_step(model, variables, *batch, passes=passes)
+                         for batch in itertools.chain([first], batches)])
+  totals = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}
+  names = class_names or [str(i) for i in range(len(totals["confusion"]))]
+  report = metrics.classification_metrics(totals["confusion"], names)
+  result = {"loss": float(totals["loss_sum"] / totals["count"]),
+            "accuracy": float(totals["correct"] / totals["count"]),
+            "macro_f1": report["macro_f1"],
+            "num_examples": int(totals["count"])}
+  if class_names:
+    result.update((k, report[k]) for k in ("per_class_accuracy", "per_class", "class_names",
+                                           "confusion_matrix"))
+  return result

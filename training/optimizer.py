@@ -1,0 +1,66 @@
+"""The optimizer: AdamW on a one-cycle schedule, with parameter groups for fine-tuning (frozen
+parameters, a head learning rate)."""
+
+import fnmatch
+import functools
+
+import jax
+import optax
+
+from flaxzoo.training.config import Config, ConfigError
+
+
+def param_path(keypath) -> str:
+  """'Conv_0/kernel' for a parameter's key path (the names used in reports and --freeze)."""
+  return "/".join(str(getattr(k, "key", k)) for k in keypath)
+
+
+def param_groups(params, freeze: str):
+  """A tree like `params` labelling each leaf 'head', 'backbone' or 'frozen'.
+
+  The head is the classifier every zoo model names `head`. `freeze`: 'none'; 'backbone' (all but
+  the head); or comma-separated shell wildcards over parameter paths, where naming a module
+  (`Conv_0`) freezes all its parameters.
+  """
+  paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  has_head = any(p.startswith("head/") for p in paths)
+  if freeze == "none":
+    frozen = set()
+  elif freeze == "backbone":
+    if not has_head:
+      raise ConfigError("--freeze backbone needs a classifier module named 'head'; this model has "
+                        "none: freeze parameter paths instead, e.g. --freeze 'Conv_*'")
+    frozen = {p for p in paths if not p.startswith("head/")}
+  else:
+    frozen = set()
+    for pattern in (p.strip() for p in freeze.split(",") if p.strip()):
+      matched = {p for p in paths if fnmatch.fnmatchcase(p, pattern)
+                 or fnmatch.fnmatchcase(p, pattern.rstrip("/") + "/*")}
+      if not matched:
+        modules = sorted({p.rsplit("/", 1)[0] for p in paths})
+        raise ConfigError(f"--freeze pattern {pattern!r} matches no parameter; parameter paths "
+                          f"are MODULE/NAME with modules {', '.join(modules)}")
+      frozen |= matched
+  if frozen and len(frozen) == len(paths):
+    raise ConfigError(f"--freeze {freeze!r} freezes every parameter, so nothing would train; "
+                      f"leave the head (or more) trainable")
+  labels = ["frozen" if p in frozen else "head" if p.startswith("head/") else "backbone"
+            for p in paths]
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
+
+
+def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
+  """AdamW on a one-cycle schedule. With frozen parameters or a head learning rate, parameter
+  groups: frozen ones get zero updates (so they stay bitwise unchanged), the head its own peak."""
+  def adamw(peak):
+    schedule = optax.cosine_onecycle_schedule(
+        transition_steps=max(total_steps, 1), peak_value=peak, pct_start=config.warmup_fraction)
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+  if config.freeze == "none" and config.head_learning_rate is None:
+    return adamw(config.learning_rate)
+  head_peak = config.head_learning_rate or config.learning_rate
+  return optax.multi_transform(
+      {"backbone": adamw(config.learning_rate), "head": adamw(head_peak),
+       "frozen": optax.set_to_zero()},
+      functools.partial(param_groups, freeze=config.freeze))
