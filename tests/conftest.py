@@ -69,3 +69,47 @@ def tree_snapshot(path: Path) -> dict:
     return {}
   return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
           for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# Real MNIST (prepared by tfds, ~30-40 s once) and real training processes make a test slow: the
+# fast tier (`pytest -m "not slow"`) runs on small generated data. Requesting one of these fixtures
+# marks a test slow, so that no test can land in the wrong tier.
+REAL_DATA_FIXTURES = {"mnist_data_dir", "mnist_raw_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    if REAL_DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)
+
+
+def generated_images(count: int, shape=(28, 28, 1), seed: int = 0):
+  """uint8 images with int32 labels, as the input path delivers them (unit tests' data)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  return (rng.integers(0, 256, (count, *shape), dtype=np.uint8),
+          rng.integers(0, 10, (count,), dtype=np.int32))
+
+
+def write_checkpoint(workdir, model_name="convnet", class_names=None, steps=0, **model_kwargs):
+  """A real orbax checkpoint with its card of a model trained `steps` steps on generated data,
+  without a dataset: what train would leave, for tests of loading, eval and predict."""
+  from flaxzoo import models
+  from flaxzoo.data import DatasetInfo
+  from flaxzoo.training import checkpoint
+  from flaxzoo.training.config import Config
+  from flaxzoo.training.state import create_train_state
+  from flaxzoo.training.steps import train_step
+  class_names = class_names or [f"class-{i}" for i in range(10)]
+  model = models.create_model(model_name, num_classes=len(class_names), **model_kwargs)
+  config = Config(model=model_name, model_kwargs=model_kwargs)
+  state = create_train_state(model, config, (28, 28, 1), total_steps=max(steps, 1))
+  images, labels = generated_images(32)
+  for _ in range(steps):
+    state, _ = train_step(state, images, labels % len(class_names))
+  info = DatasetInfo("mnist", len(class_names), tuple(class_names), (28, 28, 1),
+                     {"train": 60000, "test": 10000})
+  with checkpoint.open_manager(workdir) as manager:
+    checkpoint.save(manager, state, checkpoint.make_card(model, config, info, steps, 0.0, {}), keep=3)
+    checkpoint.wait(manager)
+  return state

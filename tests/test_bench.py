@@ -2,6 +2,7 @@
 end to end through the CLI (no speed is asserted: these machines are noisy)."""
 
 import csv
+import inspect
 import json
 import subprocess
 import sys
@@ -41,14 +42,23 @@ def test_frameworks_must_include_jax():
     bench.run_benchmark(frameworks=("torch_eager",))
 
 
+def test_bench_writes_no_file_unless_given_csv():
+  from flaxzoo.benchmarks import report
+  from flaxzoo.training import cli
+  assert cli.build_parser().parse_args(["bench"]).csv is None
+  assert inspect.signature(report.benchmark).parameters["csv_path"].default is None
+
+
+@pytest.mark.slow
 def test_bench_cli_smoke(tmp_path):
-  """A tiny setting, all three frameworks: the JSON line holds every figure, the CSV a row."""
+  """A tiny setting, all three frameworks: the JSON line holds every figure, the CSV a row, and
+  nothing else is written."""
   out_csv = tmp_path / "bench.csv"
   done = subprocess.run(
       [sys.executable, "-m", "flaxzoo.training", "bench", "--model", "mlp", "--batch-size", "16",
        "--eval-batch-size", "32", "--steps", "2", "--repeats", "2", "--latency-calls", "20",
        "--no-memory", "--json", "--csv", str(out_csv)],
-      capture_output=True, text=True, timeout=600)
+      capture_output=True, text=True, timeout=600, cwd=tmp_path)
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.strip().splitlines()[-1])
   for key in ("train_ratio_vs_torch_eager", "train_ratio_vs_torch_compile",
@@ -62,6 +72,7 @@ def test_bench_cli_smoke(tmp_path):
   assert len(rows) == 1 and rows[0]["model"] == "mlp"
   assert float(rows[0]["train_ratio_vs_torch_compile"]) == pytest.approx(
       result["train_ratio_vs_torch_compile"], rel=1e-3)
+  assert [p.name for p in tmp_path.iterdir()] == ["bench.csv"]
 
 
 def test_csv_written_before_a_column_was_added_keeps_its_rows(tmp_path):
@@ -78,11 +89,18 @@ def test_csv_written_before_a_column_was_added_keeps_its_rows(tmp_path):
       ("convnet", "1.5", ""), ("mlp", "2.0", "9.0")]
 
 
-def test_peak_rss_of_a_training_process():
-  rss = bench.peak_rss_mb("jax", "mlp", batch_size=8, steps=2)
-  assert rss["peak_rss_mb"] >= rss["imports_rss_mb"] > 50  # jax alone takes more than 50 MB
+@pytest.mark.slow
+def test_peak_rss_of_a_training_process_grows_with_its_batch():
+  """Each probe is a fresh process measuring itself (VmHWM): a batch of 4,096 (~13 MB of input,
+  ~25 MB of activations and their gradients) must show, a batch of 8 not."""
+  small = bench.peak_rss_mb("jax", "mlp", batch_size=8, steps=2)
+  large = bench.peak_rss_mb("jax", "mlp", batch_size=4096, steps=2)
+  assert small["imports_rss_mb"] > 50  # jax alone takes more than 50 MB
+  added = {name: rss["peak_rss_mb"] - rss["imports_rss_mb"] for name, rss in (("small", small), ("large", large))}
+  assert added["large"] > added["small"] + 20, (small, large)
 
 
+@pytest.mark.slow
 def test_op_profile_times_the_same_ops_in_both_frameworks():
   """benchmarks/op_profile.py: every op of the ConvNet's step gets a JAX and a PyTorch time (the
   two sides compute the same op: the FLOPs are shared), and the whole step is the last row."""

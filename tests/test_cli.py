@@ -1,23 +1,179 @@
-"""The `flaxzoo` command line, each test in a new process as a user would run it."""
+"""The `flaxzoo` command line. Argument and error handling in-process (`cli.main(argv)`, as the
+console script calls it); a real training run and what follows it in new processes, as a user
+would run them (slow tier)."""
 
+import hashlib
 import json
 
+import numpy as np
 import pytest
-from conftest import run_cli, tree_snapshot
+from conftest import run_cli, tree_snapshot, write_checkpoint
+from PIL import Image
+
+from flaxzoo import data
+from flaxzoo.training import cli, configs
 
 
-def error_lines(result):
-  return [line for line in result.stderr.splitlines() if line.startswith("flaxzoo: error:")]
+def run_main(capsys, *argv):
+  """`flaxzoo ARGV` in this process: (exit status, stdout, stderr)."""
+  status = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return status, out, err
 
 
 def assert_one_clear_error(result, *fragments):
-  assert result.returncode == 2, result.stderr
-  lines = error_lines(result)
-  assert len(lines) == 1, result.stderr
-  assert "Traceback" not in result.stderr
+  status, _, err = result
+  assert status == 2, err
+  lines = [line for line in err.splitlines() if line.startswith("flaxzoo: error:")]
+  assert len(lines) == 1, err
+  assert "Traceback" not in err
   for fragment in fragments:
-    assert fragment in lines[0]
+    assert fragment in lines[0], lines[0]
+  return lines[0]
 
+
+def test_models_lists_names_and_parameter_counts(capsys):
+  status, out, _ = run_main(capsys, "models", "--json")
+  assert status == 0
+  rows = {row["name"]: row for row in json.loads(out.splitlines()[-1])}
+  assert set(rows) == {"convnet", "lenet5", "mlp", "resnet", "vit_tiny"}
+  assert rows["mlp"]["params"] == 784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10
+  assert rows["mlp"]["train_defaults"] == configs.MODEL_RECIPES["mlp"]
+  assert rows["convnet"]["description"] and rows["convnet"]["params"] == 206_922
+  # convnet by hand: conv1 28*28*16*9*2, conv2 14*14*32*16*9*2, dense 1568*128*2, head 128*10*2.
+  # XLA skips the taps that fall on SAME padding (~7 % here) and adds ReLU, pooling and biases.
+  by_hand = 28 * 28 * 16 * 9 * 2 + 14 * 14 * 32 * 16 * 9 * 2 + 1568 * 128 * 2 + 128 * 10 * 2
+  assert 0.9 * by_hand <= rows["convnet"]["flops_per_image"] <= 1.1 * by_hand
+  assert all(row["flops_per_image"] > 0 for row in rows.values())
+  assert run_main(capsys, "models", "conv*")[1].splitlines()[1].startswith("convnet")
+
+
+def test_unknown_model_suggests_the_close_name(tmp_path, capsys):
+  line = assert_one_clear_error(run_main(capsys, "train", "--model", "convnt", "--workdir", tmp_path / "w"),
+                                "unknown model 'convnt'. Did you mean convnet?",
+                                "Available models: convnet, lenet5, mlp, resnet, vit_tiny")
+  assert "Did you mean" not in run_main(capsys, "train", "--model", "qqqq", "--workdir", tmp_path / "w")[2]
+  assert line and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--epochs", "0"], "epochs must be at least 1"),
+    (["--batch-size", "-1"], "batch_size must be at least 1"),
+    (["--learning-rate", "-1"], "learning_rate must be greater than 0"),
+    (["--set", "epoch=2"], "unknown config field 'epoch'. Did you mean epochs?"),
+    (["--set", "batch_size=\"big\""], "'batch_size' must be int"),
+    (["--set", "nothing"], "--set takes KEY=VALUE"),
+])
+def test_bad_training_settings(tmp_path, capsys, args, fragment):
+  assert_one_clear_error(run_main(capsys, "train", "--workdir", tmp_path / "w", *args), fragment)
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_named_config_lists_the_named_ones(tmp_path, capsys):
+  assert_one_clear_error(run_main(capsys, "train", "--config", "fastest", "--workdir", tmp_path / "w"),
+                         "unknown --config 'fastest'; named configs: fast, convnet, lenet5, mlp, resnet, "
+                         "vit_tiny")
+  assert not (tmp_path / "w").exists()
+
+
+def test_missing_raw_data_says_which_files_and_where(tmp_path, capsys):
+  empty = tmp_path / "raw"
+  empty.mkdir()
+  result = run_main(capsys, "train", "--workdir", tmp_path / "w", "--data-dir", tmp_path / "tfds",
+                    "--manual-dir", empty)
+  line = assert_one_clear_error(result, str(empty), "--manual-dir", "FLAXZOO_MANUAL_DIR")
+  assert all(name in line for name in data.raw_files("mnist"))
+  assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
+
+
+def test_raw_file_with_a_wrong_checksum_names_it_and_both_sums(tmp_path, capsys):
+  raw = tmp_path / "raw"
+  raw.mkdir()
+  for name in data.raw_files("mnist"):
+    (raw / name).write_bytes(b"not mnist")
+  result = run_main(capsys, "train", "--workdir", tmp_path / "w", "--data-dir", tmp_path / "tfds",
+                    "--manual-dir", raw)
+  expected = data.raw_files("mnist")["t10k-images-idx3-ubyte.gz"][1]
+  assert_one_clear_error(result, str(raw / "t10k-images-idx3-ubyte.gz"),
+                         f"has sha256 {hashlib.sha256(b'not mnist').hexdigest()} but tfds expects {expected}",
+                         "replace it with the original file")
+  assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
+
+
+def test_unknown_dataset_suggests_the_close_name(tmp_path, capsys):
+  result = run_main(capsys, "train", "--dataset", "mnits", "--workdir", tmp_path / "w",
+                    "--data-dir", tmp_path / "tfds")
+  assert_one_clear_error(result, "unknown dataset 'mnits'", "Did you mean", "mnist")
+  assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
+
+
+def test_workdir_that_cannot_be_written(tmp_path, capsys):
+  blocker = tmp_path / "a-file"
+  blocker.write_text("not a folder")
+  result = run_main(capsys, "train", "--workdir", blocker / "run")
+  assert_one_clear_error(result, f"cannot write to workdir {blocker / 'run'}", "--workdir")
+  assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("make_dir", [False, True])
+def test_eval_without_a_checkpoint(tmp_path, capsys, make_dir):
+  workdir = tmp_path / "w"
+  if make_dir:
+    workdir.mkdir()
+  assert_one_clear_error(run_main(capsys, "eval", "--workdir", workdir), str(workdir),
+                         "flaxzoo train --workdir")
+  assert workdir.exists() == make_dir and (not make_dir or not any(workdir.iterdir()))
+
+
+def test_no_readable_checkpoint_exits_2_and_changes_nothing(tmp_path, capsys):
+  workdir = tmp_path / "w"
+  write_checkpoint(workdir, widths=[4, 8], hidden=16)
+  (workdir / "0" / "card" / "metadata").write_text("{")  # a card cut short
+  before = tree_snapshot(workdir)
+  assert_one_clear_error(run_main(capsys, "eval", "--workdir", workdir), f"no readable checkpoint in {workdir}",
+                         "card cannot be read", "nothing was changed")
+  assert_one_clear_error(run_main(capsys, "predict", "--workdir", workdir, tmp_path / "x.png"),
+                         "no readable checkpoint")
+  assert tree_snapshot(workdir) == before
+
+
+def test_ctrl_c_outside_training_exits_130(tmp_path, capsys, monkeypatch):
+  def interrupted(args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(cli, "cmd_eval", interrupted)
+  status, _, err = run_main(capsys, "eval", "--workdir", tmp_path)
+  assert status == 130 and "flaxzoo: error: interrupted" in err
+
+
+def test_predict_names_the_models_top_classes_for_each_files_pixels(tmp_path, capsys):
+  """predict's top-k must be this model's probabilities for this file's pixels, each named by the
+  card's class names (a wrong index-to-name map or file order would fail here)."""
+  from flaxzoo import training
+  names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+  workdir = tmp_path / "w"
+  write_checkpoint(workdir, class_names=names, steps=3, widths=[4, 8], hidden=16)
+  rng = np.random.default_rng(1)
+  pixels = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+  files = []
+  for i, image in enumerate(pixels):
+    files.append(tmp_path / f"image-{i}.png")
+    Image.fromarray(image).save(files[-1])
+  status, out, err = run_main(capsys, "predict", "--workdir", workdir, *files, "--json", "--top-k", 4)
+  assert status == 0, err
+  predictions = json.loads(out.splitlines()[-1])["predictions"]
+  model, variables, _ = training.load_checkpoint(workdir)
+  expected = training.predict_arrays(model, variables, pixels[..., None])
+  assert [p["file"] for p in predictions] == [str(f) for f in files]
+  for prediction, probabilities in zip(predictions, expected):
+    best = np.argsort(-probabilities)[:4]
+    assert [p["class"] for p in prediction["top_k"]] == [names[i] for i in best]
+    np.testing.assert_allclose([p["probability"] for p in prediction["top_k"]], probabilities[best], rtol=1e-6)
+  assert len({tuple(np.round(e, 6)) for e in expected}) == len(files)  # the files are told apart
+  status, out, _ = run_main(capsys, "predict", "--workdir", workdir, files[0])
+  assert status == 0 and out.count("%") == 3  # three classes shown by default, as the API's default
+
+
+# --- slow tier: a real `flaxzoo train` on real MNIST, and what users do with its workdir ---------------
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory, mnist_data_dir):
@@ -31,18 +187,12 @@ def trained_workdir(tmp_path_factory, mnist_data_dir):
   return workdir
 
 
-def test_models_lists_names_and_parameter_counts():
-  result = run_cli("models", "--json")
-  assert result.returncode == 0, result.stderr
-  rows = {row["name"]: row for row in json.loads(result.stdout.splitlines()[-1])}
-  assert {"convnet", "mlp"} <= set(rows)
-  assert rows["mlp"]["params"] == 784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10
-  assert rows["convnet"]["description"]
-  assert "convnet" in run_cli("models", "conv*").stdout
+EVAL_JSON_FIELDS = {"loss", "accuracy", "macro_f1", "num_examples", "per_class_accuracy", "per_class",
+                    "class_names", "confusion_matrix", "step", "split", "dataset", "model", "workdir", "files"}
 
 
 def test_train_reaches_a_sane_accuracy_and_eval_agrees(trained_workdir, mnist_data_dir):
-  records = [json.loads(l) for l in (trained_workdir / "metrics.jsonl").read_text().splitlines()]
+  records = [json.loads(line) for line in (trained_workdir / "metrics.jsonl").read_text().splitlines()]
   test = [r for r in records if r["split"] == "test"]
   assert len(test) == 1 and test[0]["step"] == 32 and test[0]["epoch"] == 1
   assert test[0]["accuracy"] > 0.9  # 32 steps of batch 128 on real MNIST
@@ -51,9 +201,17 @@ def test_train_reaches_a_sane_accuracy_and_eval_agrees(trained_workdir, mnist_da
   result = run_cli("eval", "--workdir", trained_workdir, "--data-dir", mnist_data_dir, "--json")
   assert result.returncode == 0, result.stderr
   report = json.loads(result.stdout.splitlines()[-1])
+  assert set(report) == EVAL_JSON_FIELDS
   assert report["accuracy"] == pytest.approx(test[0]["accuracy"], abs=1e-9)
-  assert report["num_examples"] == 2000 and report["step"] == 32
+  assert (report["num_examples"], report["step"], report["split"], report["dataset"], report["model"]) == (
+      2000, 32, "test", "mnist", "convnet")
   assert report["loss"] == pytest.approx(test[0]["loss"], rel=1e-5)
+  confusion = np.asarray(report["confusion_matrix"])
+  assert confusion.shape == (10, 10) and confusion.sum() == 2000
+  assert np.trace(confusion) == round(report["accuracy"] * 2000)
+  assert report["class_names"] == [str(i) for i in range(10)]
+  assert report["files"] == [str(trained_workdir / "eval-test.json"), str(trained_workdir / "confusion-test.png")]
+  assert json.loads((trained_workdir / "eval-test.json").read_text()) == {**report, "files": report["files"]}
 
 
 def test_train_again_on_a_finished_run_says_so(trained_workdir, mnist_data_dir):
@@ -64,100 +222,28 @@ def test_train_again_on_a_finished_run_says_so(trained_workdir, mnist_data_dir):
   assert tree_snapshot(trained_workdir) == before
 
 
-def test_train_on_another_models_checkpoint_is_refused(trained_workdir, mnist_data_dir):
-  before = tree_snapshot(trained_workdir)
-  result = run_cli("train", "--model", "mlp", "--workdir", trained_workdir, "--data-dir", mnist_data_dir)
-  assert_one_clear_error(result, "another run", "'convnet' -> 'mlp'")
-  assert tree_snapshot(trained_workdir) == before
-
-
-def test_unknown_model(tmp_path):
-  result = run_cli("train", "--model", "resnet9000", "--workdir", tmp_path / "w")
-  assert_one_clear_error(result, "unknown model 'resnet9000'", "convnet", "mlp")
-  assert not (tmp_path / "w").exists()
-
-
-@pytest.mark.parametrize("args,fragment", [
-    (["--epochs", "0"], "epochs must be at least 1"),
-    (["--batch-size", "-1"], "batch_size must be at least 1"),
-    (["--learning-rate", "-1"], "learning_rate must be greater than 0"),
-    (["--set", "epoch=2"], "unknown config field 'epoch'"),
-    (["--set", "batch_size=\"big\""], "'batch_size' must be int"),
+@pytest.mark.parametrize("flags, change", [
+    (["--model", "mlp"], "'convnet' -> 'mlp'"),
+    (["--dataset", "fashion_mnist"], "dataset: 'mnist' -> 'fashion_mnist'"),
 ])
-def test_bad_training_settings(tmp_path, args, fragment):
-  result = run_cli("train", "--workdir", tmp_path / "w", *args)
-  assert_one_clear_error(result, fragment)
-  assert not (tmp_path / "w").exists()
-
-
-def test_missing_raw_data_says_which_files_and_where(tmp_path):
-  empty = tmp_path / "raw"
-  empty.mkdir()
-  result = run_cli("train", "--workdir", tmp_path / "w", "--data-dir", tmp_path / "tfds",
-                   "--manual-dir", empty)
-  assert_one_clear_error(result, "train-images-idx3-ubyte.gz", str(empty), "--manual-dir")
-  assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
-
-
-@pytest.mark.parametrize("make_dir", [False, True])
-def test_eval_without_a_checkpoint(tmp_path, make_dir):
-  workdir = tmp_path / "w"
-  if make_dir:
-    workdir.mkdir()
-  result = run_cli("eval", "--workdir", workdir)
-  assert_one_clear_error(result, str(workdir), "flaxzoo train --workdir")
-  assert workdir.exists() == make_dir and (not make_dir or not any(workdir.iterdir()))
-
-
-def test_unknown_model_suggests_the_close_name(tmp_path):
-  result = run_cli("train", "--model", "convnt", "--workdir", tmp_path / "w")
-  assert_one_clear_error(result, "unknown model 'convnt'", "convnet")
-  assert not (tmp_path / "w").exists()
-
-
-def test_unknown_dataset_suggests_the_close_name(tmp_path):
-  result = run_cli("train", "--dataset", "mnits", "--workdir", tmp_path / "w",
-                   "--data-dir", tmp_path / "tfds")
-  assert_one_clear_error(result, "unknown dataset 'mnits'", "Did you mean", "mnist")
-  assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
-
-
-def test_train_on_another_datasets_checkpoint_is_refused(trained_workdir, mnist_data_dir):
+def test_train_on_another_runs_checkpoint_is_refused(trained_workdir, mnist_data_dir, capsys, flags, change):
   before = tree_snapshot(trained_workdir)
-  result = run_cli("train", "--dataset", "fashion_mnist", "--workdir", trained_workdir,
-                   "--data-dir", mnist_data_dir)
-  assert_one_clear_error(result, "another run", "dataset: 'mnist' -> 'fashion_mnist'")
+  result = run_main(capsys, "train", *flags, "--workdir", trained_workdir, "--data-dir", mnist_data_dir)
+  assert_one_clear_error(result, "another run", change)
   assert tree_snapshot(trained_workdir) == before
 
 
-def test_workdir_that_cannot_be_written(tmp_path):
-  blocker = tmp_path / "a-file"
-  blocker.write_text("not a folder")
-  result = run_cli("train", "--workdir", blocker / "run")
-  assert_one_clear_error(result, f"cannot write to workdir {blocker / 'run'}", "--workdir")
-  assert blocker.read_text() == "not a folder"
-
-
-def test_raw_file_with_a_wrong_checksum(tmp_path, mnist_raw_dir):
-  import shutil
-  raw = tmp_path / "raw"
-  shutil.copytree(mnist_raw_dir, raw)
-  with open(raw / "t10k-labels-idx1-ubyte.gz", "ab") as f:
-    f.write(b"\0")
-  result = run_cli("train", "--workdir", tmp_path / "w", "--data-dir", tmp_path / "tfds",
-                   "--manual-dir", raw)
-  assert_one_clear_error(result, str(raw / "t10k-labels-idx1-ubyte.gz"), "has sha256",
-                         "but tfds expects", "replace it with the original file")
-  assert not (tmp_path / "w").exists() and not (tmp_path / "tfds").exists()
-
-
-def test_eval_skips_a_damaged_newest_checkpoint(tmp_path, trained_workdir, mnist_data_dir):
+def test_eval_of_a_damaged_step_asked_for_by_number_is_an_error(tmp_path, trained_workdir, mnist_data_dir):
+  """--step N names one checkpoint: a damaged one is reported, never replaced by another step."""
   import shutil
   workdir = tmp_path / "copy"
   shutil.copytree(trained_workdir, workdir)
   (workdir / "32" / "card" / "metadata").write_text("{")  # a card cut short
   result = run_cli("eval", "--workdir", workdir, "--data-dir", mnist_data_dir, "--step", 32)
-  assert_one_clear_error(result, f"checkpoint {workdir}/32 is unreadable", "card cannot be read")
+  assert result.returncode == 2, result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith("flaxzoo: error:")]
+  assert len(errors) == 1 and f"checkpoint {workdir}/32 is unreadable" in errors[0]
+  assert "card cannot be read" in errors[0] and "Traceback" not in result.stderr
 
 
 def test_eval_falls_back_from_a_damaged_newest_checkpoint(tmp_path, trained_workdir, mnist_data_dir):
@@ -169,13 +255,30 @@ def test_eval_falls_back_from_a_damaged_newest_checkpoint(tmp_path, trained_work
     path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
   result = run_cli("eval", "--workdir", workdir, "--data-dir", mnist_data_dir, "--json")
   assert result.returncode == 0, result.stderr
-  warnings = [l for l in result.stderr.splitlines() if "unreadable" in l]
+  warnings = [line for line in result.stderr.splitlines() if "unreadable" in line]
   assert len(warnings) == 1 and f"checkpoint {workdir}/32 is unreadable" in warnings[0]
   assert "Traceback" not in result.stderr and "Event loop" not in result.stderr, result.stderr
   assert json.loads(result.stdout.splitlines()[-1])["step"] == 16
 
 
-def test_unknown_named_config(tmp_path):
-  result = run_cli("train", "--config", "fastest", "--workdir", tmp_path / "w")
-  assert_one_clear_error(result, "unknown --config 'fastest'", "fast")
-  assert not (tmp_path / "w").exists()
+def test_nan_loss_exits_2_and_keeps_the_checkpoints(tmp_path, trained_workdir, mnist_data_dir, capsys):
+  import shutil
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained_workdir, workdir)
+  before = tree_snapshot(workdir)
+  result = run_main(capsys, "train", "--workdir", workdir, "--data-dir", mnist_data_dir, "--epochs", 2,
+                    "--learning-rate", 1e30)
+  assert_one_clear_error(result, "the training loss became", f"last good checkpoint, {workdir}/32, is kept")
+  assert tree_snapshot(workdir) == before
+
+
+def test_not_enough_disk_space_is_refused_before_training(tmp_path, mnist_data_dir, capsys, monkeypatch):
+  import collections
+  import shutil
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+  result = run_main(capsys, "train", "--workdir", tmp_path / "w", "--data-dir", mnist_data_dir,
+                    "--set", "train_examples=256", "--set", "test_examples=100")
+  assert_one_clear_error(result, f"not enough free disk space in {tmp_path / 'w'}", "MB are free",
+                         "choose another --workdir")
+  assert not any(p.name.isdigit() for p in (tmp_path / "w").iterdir())

@@ -38,32 +38,6 @@ def test_eval_batches_cover_every_example_once():
   assert np.array_equal(np.concatenate([y[m > 0] for _, y, m in batches]), labels)
 
 
-def test_explicit_manual_dir_without_files_names_them(tmp_path):
-  data_dir = tmp_path / "tfds"
-  with pytest.raises(data.DataError) as e:
-    data.prepare("mnist", str(data_dir), str(tmp_path / "empty"))
-  message = str(e.value)
-  for filename in data.raw_files("mnist"):
-    assert filename in message
-  assert "--manual-dir" in message and "FLAXZOO_MANUAL_DIR" in message
-  assert "\n" not in message
-  assert not data_dir.exists()
-
-
-def test_wrong_checksum_names_file_and_both_sums(tmp_path):
-  manual = tmp_path / "mnist"
-  manual.mkdir()
-  for filename in data.raw_files("mnist"):
-    (manual / filename).write_bytes(b"not mnist")
-  with pytest.raises(data.DataError) as e:
-    data.prepare("mnist", str(tmp_path / "tfds"), str(manual))
-  message = str(e.value)
-  assert "t10k-images-idx3-ubyte.gz" in message
-  assert data.raw_files("mnist")["t10k-images-idx3-ubyte.gz"][1] in message  # expected sum
-  import hashlib
-  assert hashlib.sha256(b"not mnist").hexdigest() in message  # actual sum
-
-
 def test_offline_without_files_says_where_to_put_them(tmp_path, monkeypatch):
   def offline(*args, **kwargs):
     raise OSError(-2, "Name or service not known")
@@ -75,11 +49,6 @@ def test_offline_without_files_says_where_to_put_them(tmp_path, monkeypatch):
   assert "cannot reach" in message and "train-images-idx3-ubyte.gz" in message
   assert "--manual-dir" in message and "FLAXZOO_MANUAL_DIR" in message
   assert tree_snapshot(tmp_path) == {}
-
-
-def test_unknown_dataset_suggests_close_names():
-  with pytest.raises(data.DataError, match="Did you mean mnist"):
-    data.prepare("mnsit", "/nonexistent")
 
 
 def test_real_mnist_through_tfds(mnist_data_dir):

@@ -3,6 +3,7 @@ never deleted; signals save and say how to resume; NaN stops without saving; a f
 what was committed. Each attempt runs in its own process (tests/fault_child.py) on a 640-image
 slice of the real MNIST files."""
 
+import gc
 import json
 import shutil
 import signal
@@ -266,4 +267,5 @@ def test_reads_abandoned_after_a_damaged_checkpoint_stay_quiet(recwarn):
       cycle["self"] = cycle  # only the collector frees it, as orbax's abandoned tasks are
       del cycle
       raise checkpoint.UnreadableCheckpoint("/w", 10, "damaged")
+  gc.collect()  # anything left uncollected would warn here
   assert not [w for w in recwarn if "never awaited" in str(w.message)]

@@ -126,7 +126,10 @@ def test_unfrozen_finetune_changes_every_layer(source, digit_folder, tmp_path):
   state = training.finetune(source, f"folder:{digit_folder}", tmp_path / "ft", epochs=1,
                             batch_size=20, learning_rate=1e-3)
   _, saved, _ = checkpoint.load_checkpoint(source)
-  assert not bits_equal(state.params["Conv_0"]["kernel"], saved["params"]["Conv_0"]["kernel"])
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(saved["params"])[0]]
+  assert len(paths) == 8  # the kernel and bias of Conv_0, Conv_1, Dense_0 and the head
+  changed = jax.tree.map(lambda new, old: not bits_equal(new, old), state.params, saved["params"])
+  assert all(jax.tree.leaves(changed)), changed
 
 
 def test_folder_layouts_and_held_out_fraction(digit_folder, tmp_path):
