@@ -4,17 +4,17 @@ A tiny ConvNet trained on real MNIST is the source; the image folder is written 
 real MNIST digits (as 32x32 RGB PNGs, so every image needs converting to the model's input)."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-from conftest import run_cli
 from PIL import Image
 
 from flaxzoo import data, models, training
 from flaxzoo.data import folders
-from flaxzoo.training import checkpoint
+from flaxzoo.training import checkpoint, cli
 from flaxzoo.training.config import Config, ConfigError
 from flaxzoo.training.optimizer import param_groups
 from flaxzoo.training.pretrained import load_pretrained
@@ -27,6 +27,13 @@ DIGIT_NAMES = ["zero", "one", "two", "three", "four"]
 def bits_equal(a, b) -> bool:
   a, b = np.asarray(a), np.asarray(b)
   return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def run_main(capsys, *argv):
+  """`flaxzoo ARGV` in this process (the console script's own entry point)."""
+  status = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(argv, status, out, err)
 
 
 @pytest.fixture(scope="module")
@@ -157,11 +164,10 @@ def test_a_damaged_image_in_a_folder_is_named(digit_folder, tmp_path):
     folders.load_folder_dataset(f"folder:{root}")
 
 
-def test_cli_finetune_predict_and_eval_on_an_image_folder(source, digit_folder, tmp_path):
+def test_cli_finetune_predict_and_eval_on_an_image_folder(source, digit_folder, tmp_path, capsys):
   workdir = tmp_path / "ft-cli"
-  result = run_cli("finetune", "--from", source, "--dataset", f"folder:{digit_folder}",
-                   "--workdir", workdir, "--freeze", "Conv_0", "--epochs", "2",
-                   "--batch-size", "20")
+  result = run_main(capsys, "finetune", "--from", source, "--dataset", f"folder:{digit_folder}",
+                    "--workdir", workdir, "--freeze", "Conv_0", "--epochs", "2", "--batch-size", "20")
   assert result.returncode == 0, result.stderr
   assert "loaded (6): Conv_0/bias, Conv_0/kernel" in result.stdout
   assert "re-initialised (2): head/bias, head/kernel" in result.stdout
@@ -169,15 +175,15 @@ def test_cli_finetune_predict_and_eval_on_an_image_folder(source, digit_folder, 
   assert "converting images to 28x28 grayscale" in result.stderr
   assert result.stderr.count("converting images") == 1
 
-  again = run_cli("finetune", "--from", source, "--dataset", f"folder:{digit_folder}",
-                  "--workdir", workdir, "--freeze", "Conv_0", "--epochs", "2", "--batch-size", "20")
+  again = run_main(capsys, "finetune", "--from", source, "--dataset", f"folder:{digit_folder}",
+                   "--workdir", workdir, "--freeze", "Conv_0", "--epochs", "2", "--batch-size", "20")
   assert again.returncode == 0 and "already trained" in again.stdout
 
   test_images = sorted((digit_folder / "test").rglob("*.png"))
   not_an_image = tmp_path / "notes.png"
   not_an_image.write_text("hello")
-  result = run_cli("predict", "--workdir", workdir, *test_images[:3], not_an_image, test_images[-1],
-                   "--top-k", "2", "--json")
+  result = run_main(capsys, "predict", "--workdir", workdir, *test_images[:3], not_an_image, test_images[-1],
+                    "--top-k", "2", "--json")
   assert result.returncode == 2
   errors = [line for line in result.stderr.splitlines() if line.startswith("flaxzoo: error:")]
   assert len(errors) == 1 and "notes.png" in errors[0]
@@ -188,7 +194,7 @@ def test_cli_finetune_predict_and_eval_on_an_image_folder(source, digit_folder, 
     assert {c["class"] for c in prediction["top_k"]} <= set(DIGIT_NAMES)
     assert prediction["top_k"][0]["probability"] >= prediction["top_k"][1]["probability"]
 
-  result = run_cli("eval", "--workdir", workdir, "--json")
+  result = run_main(capsys, "eval", "--workdir", workdir, "--json")
   assert result.returncode == 0, result.stderr
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["num_examples"] == 20
@@ -199,8 +205,8 @@ def test_cli_finetune_predict_and_eval_on_an_image_folder(source, digit_folder, 
     assert png.format == "PNG"
 
 
-def test_cli_finetune_reports_a_missing_source_in_one_line(tmp_path):
-  result = run_cli("finetune", "--from", tmp_path / "nothing", "--dataset", "fashion_mnist")
+def test_cli_finetune_reports_a_missing_source_in_one_line(tmp_path, capsys):
+  result = run_main(capsys, "finetune", "--from", tmp_path / "nothing", "--dataset", "fashion_mnist")
   assert result.returncode == 2
   assert result.stderr.strip().startswith("flaxzoo: error:") and len(result.stderr.splitlines()) == 1
   assert "does not exist" in result.stderr
@@ -220,10 +226,10 @@ def test_fashion_mnist_prepared_beside_mnist_has_its_own_pixels(mnist_data_dir, 
   assert not np.array_equal(fashion_images, mnist_images)
 
 
-def test_cli_finetune_refuses_a_bad_freeze_pattern_before_loading_data(source, tmp_path):
+def test_cli_finetune_refuses_a_bad_freeze_pattern_before_loading_data(source, tmp_path, capsys):
   workdir = tmp_path / "never"
-  result = run_cli("finetune", "--from", source, "--dataset", "folder:/nonexistent/images",
-                   "--workdir", workdir, "--freeze", "Conv_7")
+  result = run_main(capsys, "finetune", "--from", source, "--dataset", "folder:/nonexistent/images",
+                    "--workdir", workdir, "--freeze", "Conv_7")
   assert result.returncode == 2
   assert result.stderr.strip() == ("flaxzoo: error: --freeze pattern 'Conv_7' matches no parameter; "
                                    "parameter paths are MODULE/NAME with modules Conv_0, Conv_1, "
