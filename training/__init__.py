@@ -25,8 +25,13 @@ __all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str):
-  if name not in _MODULE_OF:
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  if name not in _MODULE_OF:  # a submodule, e.g. `training.config`
+    try:
+      return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+      if e.name != f"{__name__}.{name}":
+        raise
+      raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
   value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
   globals()[name] = value
   return value
