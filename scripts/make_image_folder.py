@@ -27,6 +27,8 @@ def main(argv=None) -> int:
   parser.add_argument("--classes", help="comma-separated class names (default: all)")
   parser.add_argument("--train-per-class", type=int, default=300)
   parser.add_argument("--test-per-class", type=int, default=50)
+  parser.add_argument("--names", help="comma-separated folder names, one per class written (default: "
+                      "the class names), e.g. zero,one,...,nine for MNIST's 0-9")
   parser.add_argument("--size", type=int, help="write SIZE x SIZE images (default: as stored)")
   parser.add_argument("--rgb", action="store_true", help="write RGB images")
   parser.add_argument("--manual-dir", help="the dataset's raw files (see flaxzoo train --help)")
@@ -43,10 +45,15 @@ def main(argv=None) -> int:
     print(f"make_image_folder: unknown class(es) {unknown}; {args.dataset} has {names}",
           file=sys.stderr)
     return 2
+  folder_names = args.names.split(",") if args.names else [c.replace("/", "_") for c in wanted]
+  if len(folder_names) != len(wanted):
+    print(f"make_image_folder: --names gives {len(folder_names)} names for {len(wanted)} classes",
+          file=sys.stderr)
+    return 2
   for split, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):
     images, labels = dataset.splits[split]
-    for name in wanted:
-      folder = args.out / split / name.replace("/", "_")
+    for name, folder_name in zip(wanted, folder_names):
+      folder = args.out / split / folder_name
       folder.mkdir(parents=True)
       for index in np.flatnonzero(labels == names.index(name))[:per_class]:
         pixels = images[index]

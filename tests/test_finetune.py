@@ -10,6 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import generated_images, write_checkpoint
 from PIL import Image
 
 from flaxzoo import data, models, training
@@ -77,7 +78,8 @@ def test_head_is_reinitialised_when_the_class_count_changes(source):
   assert report.reinitialized == ["head/bias", "head/kernel"]
   assert report.loaded == ["Conv_0/bias", "Conv_0/kernel", "Conv_1/bias", "Conv_1/kernel",
                            "Dense_0/bias", "Dense_0/kernel"]
-  assert "10 classes" in report.reinitialized_why and "5" in report.reinitialized_why
+  assert report.head["how"] == "re-initialised"
+  assert "the checkpoint has 10 classes, the model 5" in report.head["summary"]
   params = variables["params"]
   assert params["head"]["kernel"].shape == (16, 5)
   for module in ("Conv_0", "Conv_1", "Dense_0"):
@@ -250,3 +252,97 @@ def test_evaluate_counts_the_confusion_matrix_of_its_predictions(source, mnist_d
   assert result["num_examples"] == 250
   assert result["accuracy"] == pytest.approx(np.mean(predicted == labels))
   assert result["macro_f1"] == metrics.classification_metrics(expected, names)["macro_f1"]
+
+
+# --- the head follows the class names -------------------------------------------------------------
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.fixture(scope="module")
+def named_source(tmp_path_factory) -> Path:
+  """A checkpoint of a tiny ConvNet whose classes are named zero ... nine (generated data)."""
+  workdir = tmp_path_factory.mktemp("named") / "source"
+  write_checkpoint(workdir, class_names=NAMES, steps=3, **TINY)
+  return workdir
+
+
+def head_logits(workdir, names, **options):
+  """Logits of the model `load_pretrained` builds for classes `names`, and of the source model."""
+  model = models.create_model("convnet", num_classes=len(names), **TINY)
+  variables, report = load_pretrained(workdir, model, class_names=names, **options)
+  source_model, source_variables, _ = checkpoint.load_checkpoint(workdir)
+  images = generated_images(8)[0].astype(np.float32) / 255
+  return (np.asarray(model.apply(variables, images)), np.asarray(source_model.apply(source_variables, images)),
+          report)
+
+
+def test_same_names_in_another_order_keep_the_head_with_its_rows_permuted(named_source):
+  order = sorted(NAMES)  # eight, five, four, nine, ...: how folders named after the digits sort
+  new, old, report = head_logits(named_source, order)
+  np.testing.assert_array_equal(new, old[:, [NAMES.index(name) for name in order]])
+  assert report.head["how"] == "reordered" and report.head["rows"]["eight"] == "eight"
+  assert report.head["summary"] == "head rows reordered to the new dataset's classes"
+  assert "head/kernel" in report.loaded and report.reinitialized == []
+  new, old, report = head_logits(named_source, NAMES)  # the same order: the head as it is
+  np.testing.assert_array_equal(new, old)
+  assert report.head["how"] == "kept"
+
+
+def test_other_names_reinitialise_the_head_and_say_why(named_source):
+  digits = [str(i) for i in range(10)]
+  new, old, report = head_logits(named_source, digits)
+  assert report.head["how"] == "re-initialised" and report.reinitialized == ["head/bias", "head/kernel"]
+  assert report.head["summary"].startswith("re-initialised: the checkpoint's classes (zero, one, two, three, …) "
+                                           "are not this dataset's (0, 1, 2, 3, …)")
+  assert not np.allclose(new, old)
+  kept, _, report = head_logits(named_source, digits, head="keep")  # as before names were compared
+  np.testing.assert_array_equal(kept, old)
+  assert report.head["how"] == "kept"
+  assert head_logits(named_source, NAMES, head="reinit")[2].head["how"] == "re-initialised"
+
+
+def test_a_class_map_keeps_the_mapped_rows(named_source):
+  digits = [str(i) for i in range(10)]
+  new, old, report = head_logits(named_source, digits, class_map={"7": "seven", "3": "three"})
+  np.testing.assert_array_equal(new[:, 7], old[:, 7])
+  np.testing.assert_array_equal(new[:, 3], old[:, 3])
+  assert not np.allclose(new[:, 0], old[:, 0])  # unmapped: fresh
+  assert report.head["how"] == "partly kept" and report.head["rows"]["7"] == "seven"
+  assert report.head["rows"]["0"] is None
+  full = {str(i): name for i, name in enumerate(NAMES)}
+  new, old, report = head_logits(named_source, digits, class_map=full)
+  np.testing.assert_array_equal(new, old)
+
+
+def test_a_class_map_naming_no_class_is_one_error(named_source):
+  with pytest.raises(ConfigError, match=r"--class-map names classes that do not exist: 11 not a class of the "
+                                        r"new dataset .*; seventeen not a class of the checkpoint"):
+    head_logits(named_source, [str(i) for i in range(10)], class_map={"11": "one", "7": "seventeen"})
+
+
+def test_cli_class_map_error_exits_2_and_writes_nothing(source, digit_folder, tmp_path, capsys):
+  class_map = tmp_path / "map.json"
+  class_map.write_text(json.dumps({"zero": "0", "eleven": "1"}))
+  result = run_main(capsys, "finetune", "--from", source, "--dataset", f"folder:{digit_folder}",
+                    "--workdir", tmp_path / "ft", "--class-map", class_map, "--batch-size", "20")
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith("flaxzoo: error:")]
+  assert len(errors) == 1 and "eleven not a class of the new dataset (four, one, three, two, zero)" in errors[0]
+  assert "Traceback" not in result.stderr and not (tmp_path / "ft").exists()
+  class_map.write_text("{not json")
+  result = run_main(capsys, "finetune", "--from", source, "--dataset", f"folder:{digit_folder}",
+                    "--workdir", tmp_path / "ft", "--class-map", class_map)
+  assert result.returncode == 2 and "is not JSON" in result.stderr and not (tmp_path / "ft").exists()
+
+
+def test_cli_class_map_keeps_the_rows_through_a_finetune(source, digit_folder, tmp_path, capsys):
+  class_map = tmp_path / "map.json"
+  class_map.write_text(json.dumps({name: str(digit) for digit, name in enumerate(DIGIT_NAMES)}))
+  result = run_main(capsys, "finetune", "--from", source, "--dataset", f"folder:{digit_folder}",
+                    "--workdir", tmp_path / "ft", "--class-map", class_map, "--epochs", "1", "--batch-size", "20")
+  assert result.returncode == 0, result.stderr
+  assert "head: kept the rows of the new dataset's 5 classes (of the checkpoint's 10), in its order" in result.stdout
+  card = checkpoint.read_card(tmp_path / "ft")
+  assert card["lineage"]["head"]["rows"] == {"four": "4", "one": "1", "three": "3", "two": "2", "zero": "0"}
+  assert card["config"]["class_map"] == json.loads(class_map.read_text())

@@ -35,7 +35,7 @@ def cmd_models(args) -> int:
 
 
 TRAIN_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
-               "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype")
+               "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype", "head")
 
 
 def _train_overrides(args) -> dict:
@@ -73,9 +73,28 @@ def cmd_train(args) -> int:
   return 0
 
 
+def read_class_map(path) -> dict:
+  """--class-map FILE: a JSON object {new class name: checkpoint class name} (read as data only)."""
+  from flaxzoo.training.config import ConfigError
+  try:
+    with open(path) as f:
+      class_map = json.load(f)
+  except OSError as e:
+    raise ConfigError(f"cannot read --class-map {path} ({e.strerror})") from e
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"--class-map {path} is not JSON ({e.msg} at line {e.lineno}); write an object "
+                      f"such as {{\"seven\": \"7\"}}") from e
+  if not (isinstance(class_map, dict) and all(isinstance(v, str) for v in class_map.values())):
+    raise ConfigError(f"--class-map {path} must hold one JSON object of class names, "
+                      f"{{\"new name\": \"checkpoint name\"}}")
+  return class_map
+
+
 def cmd_finetune(args) -> int:
   from flaxzoo.training.finetuning import finetune
   overrides = _train_overrides(args)
+  if args.class_map:
+    overrides["class_map"] = read_class_map(args.class_map)
   dataset = overrides.pop("dataset")
   finetune(args.source, dataset, args.workdir, step=args.step, **overrides)
   return 0
@@ -179,6 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "wildcards of parameter paths, e.g. 'Conv_*'")
   p.add_argument("--head-learning-rate", type=float, metavar="LR",
                  help="peak learning rate of the classifier head (default: --learning-rate)")
+  p.add_argument("--head", choices=("auto", "keep", "reinit"),
+                 help="the source's classifier: auto (default) keeps the rows of the classes the "
+                 "checkpoint has by name, in the new order, and re-initialises the others")
+  p.add_argument("--class-map", metavar="FILE", help="JSON {new class name: checkpoint class name}: "
+                 "keep those rows (with --head auto), e.g. {\"seven\": \"7\"}")
   p.set_defaults(func=cmd_finetune)
 
   p = sub.add_parser("predict", help="classify image files with a trained checkpoint")

@@ -37,6 +37,8 @@ class Config:
   init_step: int | None = None  # that checkpoint's step, fixed when the fine-tune starts
   freeze: str = "none"  # none | backbone | comma-separated wildcards of parameter paths
   head_learning_rate: float | None = None  # peak learning rate of the head; None: learning_rate
+  head: str = "auto"  # auto | keep | reinit: how the source's classifier serves the new classes
+  class_map: dict | None = None  # {new class name: source class name}: rows kept by this map
   input_shape: list | None = None  # [H, W, C] the images are converted to; None: the dataset's
   test_fraction: float = 0.2  # image folders without test/: share of each class held out
   # Where data come from (not part of what makes two runs the same run).
@@ -46,7 +48,8 @@ class Config:
 
 # Fields that must match for a checkpoint to continue the same run.
 RUN_IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "batch_size", "seed", "train_examples",
-                       "init_from", "init_step", "freeze", "input_shape", "test_fraction")
+                       "init_from", "init_step", "freeze", "head", "class_map", "input_shape",
+                       "test_fraction")
 
 
 def _field_types() -> dict[str, type]:
@@ -106,6 +109,10 @@ def validate(config: Config) -> None:
       ("test_fraction", 0 < config.test_fraction < 1, "in (0, 1)"),
       ("freeze", bool(config.freeze.strip()), "none, backbone or wildcards of parameter paths"),
       ("dtype", config.dtype in ("float32", "bfloat16"), "float32 or bfloat16"),
+      ("head", config.head in ("auto", "keep", "reinit"), "auto, keep or reinit"),
+      ("class_map", config.class_map is None or all(
+          isinstance(k, str) and isinstance(v, str) for k, v in config.class_map.items()),
+       "a JSON object of class names, {\"new name\": \"checkpoint name\"}"),
       ("augment", config.augment in ("none", "shift"), "none or shift"),
   ]
   if "num_classes" in config.model_kwargs:

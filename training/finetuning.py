@@ -22,7 +22,8 @@ def finetune_config(source_card: dict, source_workdir, dataset: str, **overrides
   config = dataclasses.replace(
       saved, dataset=data.canonical_name(dataset), init_from=str(Path(source_workdir).absolute()),
       init_step=source_card["step"], input_shape=list(source_card["input_shape"]),
-      train_examples=0, test_examples=0, checkpoint_every_steps=0, manual_dir=None)
+      train_examples=0, test_examples=0, checkpoint_every_steps=0, manual_dir=None, head="auto",
+      class_map=None)
   return config_lib.override(config, {k: v for k, v in overrides.items() if v is not None})
 
 

@@ -212,8 +212,9 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
     print(f"Resuming {workdir} from step {last_saved} (epoch {last_saved / steps_per_epoch:.2f} "
           f"of {config.epochs}).", file=sys.stderr)
   elif config.init_from:
-    variables, report = pretrained.load_pretrained(config.init_from, model, step=config.init_step,
-                                                   variables=state.variables())
+    variables, report = pretrained.load_pretrained(
+        config.init_from, model, class_names=info.class_names, head=config.head,
+        class_map=config.class_map, step=config.init_step, variables=state.variables())
     state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
     frozen = pretrained.frozen_paths(state.params, config.freeze)
     pretrained.print_report(report, frozen, info.name)
