@@ -161,16 +161,18 @@ def test_results_script_runs_end_to_end_on_a_slice(tmp_path, mnist_data_dir):
   result = subprocess.run(
       [sys.executable, "scripts/make_results.py", "--models", "mlp,resnet", "--train-examples",
        "256", "--test-examples", "100", "--epochs", "1", "--data-dir", mnist_data_dir,
-       "--workdir-root", tmp_path / "runs", "--csv", out_csv, "--markdown", out_md],
+       "--workdir-root", tmp_path / "runs", "--csv", out_csv, "--markdown", out_md, "--hessian-examples", "64"],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
   rows = list(csv.DictReader(out_csv.open()))
   assert [r["model"] for r in rows] == ["mlp", "resnet"]
   for row in rows:
     assert 0 <= float(row["test_accuracy"]) <= 1 and float(row["latency_ms_batch1"]) > 0
+    assert float(row["hessian_top_eigenvalue"]) > 0 and float(row["hessian_trace_std_error"]) > 0
     assert int(row["params"]) == profile.param_count(models.create_model(row["model"]))
   table = out_md.read_text()
   assert "quick run" in table and "| resnet |" in table and "Machine:" in table
+  assert "on 64 training examples" in table
 
 
 def test_shift_augmentation_moves_each_image_by_at_most_two_pixels():

@@ -9,6 +9,7 @@ import importlib
 
 _WHERE = {
     "checkpoint": ("load_checkpoint", "read_card"),
+    "checkpoint_analysis": ("analyze_checkpoint",),
     "config": ("Config", "ConfigError"),
     "configs": ("default_config", "named_config"),
     "errors": ("CheckpointError", "TrainingDiverged", "TrainingInterrupted"),

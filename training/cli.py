@@ -1,4 +1,4 @@
-"""The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`, `bench`. Each does
+"""The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`, `analyze`, `bench`. Each does
 what the Python API does. Commands import what they use: `flaxzoo --help` and `flaxzoo models` load
 no orbax, optax or TensorFlow."""
 
@@ -104,7 +104,8 @@ def cmd_predict(args) -> int:
   from flaxzoo.training.inference import predict_files
   if args.top_k < 1:
     return _print_error(f"--top-k must be at least 1, got {args.top_k}")
-  predictions, errors, card = predict_files(args.workdir, args.images, args.top_k, args.step)
+  predictions, errors, card = predict_files(args.workdir, args.images, args.top_k, args.step,
+                                            saliency=args.saliency)
   for error in errors:
     print(f"flaxzoo: error: {error['error']}", file=sys.stderr)
   if args.json:
@@ -113,7 +114,8 @@ def cmd_predict(args) -> int:
   else:
     for prediction in predictions:
       ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in prediction["top_k"])
-      print(f"{prediction['file']}: {ranked}")
+      saliency = f" (saliency: {prediction['saliency']})" if "saliency" in prediction else ""
+      print(f"{prediction['file']}: {ranked}{saliency}")
   return 2 if errors else 0
 
 
@@ -130,6 +132,19 @@ def cmd_eval(args) -> int:
     print(f"wrote {' and '.join(result['files'])}")
   if args.json:
     print(json.dumps(result))
+  return 0
+
+
+def cmd_analyze(args) -> int:
+  from flaxzoo.training import checkpoint_analysis as analysis
+  report = analysis.analyze_checkpoint(
+      args.workdir, args.split, args.top, args.hessian_examples, args.hessian_top, args.lanczos_steps,
+      args.probes, args.seed, args.step, args.data_dir, args.manual_dir)
+  for line in analysis.summary_lines(report):
+    print(line)
+  print(f"wrote {', '.join(report['files'])}")
+  if args.json:
+    print(json.dumps(report))
   return 0
 
 
@@ -211,7 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per image (3)")
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.add_argument("--saliency", action="store_true", help="also write IMAGE.saliency.png beside each "
+                 "image: |d logit / d input| of the predicted class")
   p.set_defaults(func=cmd_predict)
+
+  p = sub.add_parser("analyze", help="per-example gradients, the Hessian's spectrum and trace of a "
+                     "checkpoint")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--split", default="test", help="split of the per-example analysis (test)")
+  p.add_argument("--top", type=int, default=16, metavar="K", help="examples listed and drawn (16)")
+  p.add_argument("--hessian-examples", type=int, default=1000, metavar="N",
+                 help="training examples, chosen with --seed, of the Hessian's loss (1000)")
+  p.add_argument("--hessian-top", type=int, default=5, metavar="k", help="top eigenvalues (5)")
+  p.add_argument("--lanczos-steps", type=int, default=30, help="Lanczos iterations (30)")
+  p.add_argument("--probes", type=int, default=50, help="Hutchinson probes of the trace (50)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  p.add_argument("--manual-dir")
+  p.add_argument("--data-dir")
+  p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+  p.set_defaults(func=cmd_analyze)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint in a new process")
   p.add_argument("--workdir", required=True)

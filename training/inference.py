@@ -10,7 +10,7 @@ import numpy as np
 from flaxzoo import data
 from flaxzoo.data import images as image_lib
 from flaxzoo.files import replace_atomically
-from flaxzoo.training import checkpoint, metrics
+from flaxzoo.training import analysis, checkpoint, metrics
 from flaxzoo.training.config import dataset_slug
 from flaxzoo.training.evaluation import evaluate, passes_for, predict_step
 
@@ -25,13 +25,14 @@ def predict_arrays(model, variables, images, batch_size: int = 1000) -> np.ndarr
   return np.concatenate(probabilities)
 
 
-def predict_files(workdir, paths, top_k: int = 3, step: int | None = None):
+def predict_files(workdir, paths, top_k: int = 3, step: int | None = None, saliency: bool = False):
   """`(predictions, errors, card)` for image files, using the checkpoint in `workdir`.
 
   predictions: one dict per readable file, `{"file", "top_k": [{"class", "probability"}, ...]}`,
   most probable first. errors: `{"file", "error"}` for each file that is not a readable image
   (the others are still predicted). Images are converted to the model's input shape; when any is,
-  that is stated once on stderr.
+  that is stated once on stderr. With `saliency`, each prediction also names the PNG written
+  beside its image, `<name>.saliency.png` (see `analysis.saliency`).
   """
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
   shape = tuple(card["input_shape"])
@@ -57,7 +58,23 @@ def predict_files(workdir, paths, top_k: int = 3, step: int | None = None):
       best = np.argsort(-probs, kind="stable")[:k]
       predictions.append({"file": path, "top_k": [
           {"class": class_names[i], "probability": float(probs[i])} for i in best]})
+    if saliency:
+      for prediction, heat in zip(predictions, save_saliency(model, variables, np.stack(images), readable)):
+        prediction["saliency"] = heat
   return predictions, errors, card
+
+
+def save_saliency(model, variables, images, paths) -> list[str]:
+  """Writes `<image>.saliency.png` beside each image (its saliency map scaled to 0-255 at the
+  model's input size); returns their paths."""
+  from PIL import Image
+  written = []
+  for path, heat in zip(paths, np.asarray(analysis.saliency(model, variables, images))):
+    pixels = ((255 * heat / heat.max()) if heat.max() > 0 else heat).astype(np.uint8)
+    out = Path(path).with_name(Path(path).stem + ".saliency.png")
+    replace_atomically(out, lambda tmp, pixels=pixels: Image.fromarray(pixels).save(tmp, "PNG"))
+    written.append(str(out))
+  return written
 
 
 def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
@@ -70,20 +87,26 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
   paths are in the result's "files" (a folder that cannot be written to only gets a warning).
   """
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
-  saved = card["config"]
-  name = card["dataset"]["name"]
-  limit = saved.get("test_examples") if split == "test" else None
-  dataset = data.load_dataset(
-      name, data_dir or saved.get("data_dir"), manual_dir or saved.get("manual_dir"),
-      splits=(split,), limits={split: limit}, image_shape=card["input_shape"],
-      test_fraction=saved.get("test_fraction", 0.2))
-  result = evaluate(model, variables, *dataset.splits[split], saved.get("eval_batch_size", 1000),
+  images, labels = checkpoint_split(card, split, data_dir, manual_dir)
+  result = evaluate(model, variables, images, labels, card["config"].get("eval_batch_size", 1000),
                     card["dataset"]["class_names"])
-  result.update(step=card["step"], split=split, dataset=name, model=card["model"]["name"],
-                workdir=str(workdir))
+  result.update(step=card["step"], split=split, dataset=card["dataset"]["name"],
+                model=card["model"]["name"], workdir=str(workdir))
   if save:
     result["files"] = save_evaluation(result, Path(workdir))
   return result
+
+
+def checkpoint_split(card: dict, split: str, data_dir: str | None = None, manual_dir: str | None = None):
+  """`(images, labels)` of `split` of a checkpoint's own dataset, with the examples and input
+  conversion it was trained with."""
+  saved = card["config"]
+  limit = saved.get("test_examples") if split == "test" else None
+  dataset = data.load_dataset(
+      card["dataset"]["name"], data_dir or saved.get("data_dir"), manual_dir or saved.get("manual_dir"),
+      splits=(split,), limits={split: limit}, image_shape=card["input_shape"],
+      test_fraction=saved.get("test_fraction", 0.2))
+  return dataset.splits[split]
 
 
 def save_evaluation(result: dict, workdir: Path) -> list[str]:
