@@ -46,9 +46,14 @@ def per_example_grads(model, variables, images, labels):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _grad_norm_batch(model, variables, images, labels):
-  grads, losses, logits = per_example_grads(model, variables, images, labels)
-  squares = sum(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1) for g in jax.tree.leaves(grads))
-  return losses, jnp.sqrt(squares), jax.nn.softmax(logits)
+  loss = _loss_of(model, variables)
+
+  def one(image, label):  # the norm inside the vmapped function: XLA may fuse it into the gradient
+    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], image[None],
+                                                                    label[None])
+    return value, jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))), logits[0]
+  losses, norms, logits = jax.vmap(one)(images, labels)
+  return losses, norms, jax.nn.softmax(logits)
 
 
 def per_example_grad_norms(model, variables, images, labels, batch_size: int = GRAD_BATCH) -> dict:

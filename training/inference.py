@@ -101,7 +101,7 @@ def checkpoint_split(card: dict, split: str, data_dir: str | None = None, manual
   """`(images, labels)` of `split` of a checkpoint's own dataset, with the examples and input
   conversion it was trained with."""
   saved = card["config"]
-  limit = saved.get("test_examples") if split == "test" else None
+  limit = {"test": saved.get("test_examples"), "train": saved.get("train_examples")}.get(split)
   dataset = data.load_dataset(
       card["dataset"]["name"], data_dir or saved.get("data_dir"), manual_dir or saved.get("manual_dir"),
       splits=(split,), limits={split: limit}, image_shape=card["input_shape"],
