@@ -108,7 +108,9 @@ def markdown(rows: list[dict], machine: str, heading: str) -> str:
             "(`flaxzoo.training.analysis`, as `flaxzoo analyze` reports them). "
             "A run already finished in the workdir root is not trained again: its row's training "
             "figures come from its metrics.jsonl, possibly from an earlier invocation of this "
-            "script; accuracy, macro-F1 and latency are always measured by this one.", ""]
+            "script; accuracy, macro-F1 and latency are always measured by this one.", "",
+            "What the Hessian columns say, and the ConvNet's five hardest test images: "
+            "[analysis.md](analysis.md).", ""]
   return "\n".join(lines)
 
 
