@@ -83,6 +83,18 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(scope="session")
+def tiny_mnist_run(tmp_path_factory, mnist_data_dir) -> Path:
+  """A tiny ConvNet trained for one short epoch on real MNIST (1,280 training and 500 test
+  images): the source of the fine-tune tests and the checkpoint the analysis tests read."""
+  from flaxzoo import training
+  workdir = tmp_path_factory.mktemp("tiny-mnist") / "mnist-tiny"
+  config = training.Config(model_kwargs={"widths": [4, 8], "hidden": 16}, data_dir=mnist_data_dir, epochs=1,
+                           batch_size=64, train_examples=1280, test_examples=500, learning_rate=3e-3)
+  training.train_and_evaluate(config, workdir)
+  return workdir
+
+
 def generated_images(count: int, shape=(28, 28, 1), seed: int = 0):
   """uint8 images with int32 labels, as the input path delivers them (unit tests' data)."""
   import numpy as np

@@ -109,14 +109,9 @@ def test_analyze_without_a_checkpoint(tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def mnist_checkpoint(tmp_path_factory, mnist_data_dir):
-  """A tiny ConvNet trained one short epoch on real MNIST."""
-  from flaxzoo import training
-  workdir = tmp_path_factory.mktemp("analyze") / "run"
-  training.train_and_evaluate(training.Config(model_kwargs={"widths": [4, 8], "hidden": 16},
-                                              data_dir=mnist_data_dir, epochs=1, batch_size=64,
-                                              train_examples=1280, test_examples=500), workdir)
-  return workdir
+def mnist_checkpoint(tiny_mnist_run, mnist_data_dir):
+  """A tiny ConvNet trained one short epoch on real MNIST (conftest's `tiny_mnist_run`)."""
+  return tiny_mnist_run
 
 
 def test_analyze_writes_the_report_and_pictures(mnist_checkpoint, mnist_data_dir, capsys):

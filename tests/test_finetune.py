@@ -38,13 +38,9 @@ def run_main(capsys, *argv):
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, mnist_data_dir) -> Path:
-  """A tiny ConvNet trained for one short epoch on real MNIST."""
-  workdir = tmp_path_factory.mktemp("source") / "mnist-tiny"
-  config = Config(model_kwargs=TINY, data_dir=mnist_data_dir, epochs=1, batch_size=64,
-                  train_examples=1280, test_examples=500, learning_rate=3e-3)
-  training.train_and_evaluate(config, workdir)
-  return workdir
+def source(tiny_mnist_run) -> Path:
+  """A tiny ConvNet trained for one short epoch on real MNIST (conftest's `tiny_mnist_run`)."""
+  return tiny_mnist_run
 
 
 @pytest.fixture(scope="module")
