@@ -31,27 +31,25 @@ def _loss_of(model, variables):
   return loss
 
 
+def _example_grad(model, variables, image, label):
+  """(gradient tree, loss, logits) of one example, for vmapping."""
+  (value, logits), grads = jax.value_and_grad(_loss_of(model, variables), has_aux=True)(
+      variables["params"], image[None], label[None])
+  return grads, value, logits[0]
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def per_example_grads(model, variables, images, labels):
   """The gradient of each example's loss with respect to the parameters (a tree with a leading
   batch axis), with each example's loss and logits."""
-  loss = _loss_of(model, variables)
-
-  def one(image, label):
-    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], image[None],
-                                                                    label[None])
-    return grads, value, logits[0]
-  return jax.vmap(one)(images, labels)
+  return jax.vmap(functools.partial(_example_grad, model, variables))(images, labels)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _grad_norm_batch(model, variables, images, labels):
-  loss = _loss_of(model, variables)
-
-  def one(image, label):  # the norm inside the vmapped function: XLA may fuse it into the gradient
-    (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"], image[None],
-                                                                    label[None])
-    return value, jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))), logits[0]
+  def one(image, label):  # the norm inside the vmapped function: XLA need not keep the gradients
+    grads, value, logits = _example_grad(model, variables, image, label)
+    return value, jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads))), logits
   losses, norms, logits = jax.vmap(one)(images, labels)
   return losses, norms, jax.nn.softmax(logits)
 
