@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, tree_snapshot
 
 from flaxzoo import models, training
-from flaxzoo.training import checkpoint
+from flaxzoo.training import checkpoint, tensorboard_log
 from flaxzoo.training import config as config_lib
 from flaxzoo.training.state import create_train_state
 
@@ -72,6 +72,26 @@ def uninterrupted(tmp_path_factory, mnist_data_dir):
   return workdir
 
 
+def tensorboard_scalars(workdir) -> dict:
+  """WORKDIR/tensorboard's scalars as TensorBoard itself reads them: {tag: [(step, value)...]}."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  reader = EventAccumulator(str(Path(workdir) / "tensorboard"), size_guidance={"scalars": 0})
+  reader.Reload()
+  return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+
+
+def assert_tensorboard_equals_metrics(workdir):
+  """Every number of metrics.jsonl is a TensorBoard point at its step, once (as float32, the
+  event files' type), and TensorBoard has nothing else."""
+  expected = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    for field in tensorboard_log.SCALAR_FIELDS[record["split"]]:
+      expected.setdefault(f"{record['split']}/{field}", []).append(
+          (record["step"], float(np.float32(record[field]))))
+  assert tensorboard_scalars(workdir) == expected
+
+
 def assert_same_run(workdir, reference):
   assert checkpoint.saved_steps(workdir) == checkpoint.saved_steps(reference) == [28, 30]
   assert_bit_identical(final_state(workdir), final_state(reference))
@@ -99,6 +119,10 @@ def test_sigkill_at_any_point_resumes_bit_for_bit(tmp_path, mnist_data_dir, unin
   assert "Resuming" in result.stderr and "from step 24" in result.stderr
   assert not [p.name for p in workdir.iterdir() if "tmp" in p.name]  # cleaned up on restart
   assert_same_run(workdir, uninterrupted)
+  # Six writers' event files: the points the killed runs wrote past their restored step are purged.
+  assert len(list((workdir / "tensorboard").iterdir())) == 6
+  assert_tensorboard_equals_metrics(workdir)
+  assert_tensorboard_equals_metrics(uninterrupted)
 
 
 @pytest.mark.parametrize("name,status", [("TERM", 143), ("INT", 130)])

@@ -49,13 +49,19 @@ def param_groups(params, freeze: str):
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), labels)
 
 
+def learning_rate_schedule(config: Config, total_steps: int, peak: float | None = None):
+  """The one-cycle schedule: step -> learning rate, peaking at `peak` (default the config's)."""
+  return optax.cosine_onecycle_schedule(
+      transition_steps=max(total_steps, 1), peak_value=peak or config.learning_rate,
+      pct_start=config.warmup_fraction)
+
+
 def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
   """AdamW on a one-cycle schedule. With frozen parameters or a head learning rate, parameter
   groups: frozen ones get zero updates (so they stay bitwise unchanged), the head its own peak."""
   def adamw(peak):
-    schedule = optax.cosine_onecycle_schedule(
-        transition_steps=max(total_steps, 1), peak_value=peak, pct_start=config.warmup_fraction)
-    return optax.adamw(schedule, weight_decay=config.weight_decay)
+    return optax.adamw(learning_rate_schedule(config, total_steps, peak),
+                       weight_decay=config.weight_decay)
 
   if config.freeze == "none" and config.head_learning_rate is None:
     return adamw(config.learning_rate)

@@ -28,15 +28,19 @@ from flaxzoo.training import config as config_lib
 from flaxzoo.training.config import Config, ConfigError
 from flaxzoo.training.errors import TrainingDiverged, TrainingInterrupted
 from flaxzoo.training.evaluation import evaluate
+from flaxzoo.training.optimizer import learning_rate_schedule
 from flaxzoo.training.state import TrainState, create_train_state
 from flaxzoo.training.steps import train_step
+from flaxzoo.training.tensorboard_log import TensorBoardLog
 
 
 class MetricsLog:
-  """WORKDIR/metrics.jsonl: one JSON object per line."""
+  """WORKDIR/metrics.jsonl: one JSON object per line; each record also goes to TensorBoard when a
+  `TensorBoardLog` is attached."""
 
-  def __init__(self, path: Path):
+  def __init__(self, path: Path, tensorboard: TensorBoardLog | None = None):
     self.path = path
+    self.tensorboard = tensorboard
 
   def drop_after(self, step: int) -> None:
     """Forgets records past `step` (written by a run that stopped before saving that far) and a
@@ -52,6 +56,12 @@ class MetricsLog:
   def write(self, record: dict) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    if self.tensorboard:
+      self.tensorboard.write(record)
+
+  def close(self) -> None:
+    if self.tensorboard:
+      self.tensorboard.close()
 
 
 def _record_step(line: str) -> int | None:
@@ -146,6 +156,7 @@ class Run:
   manager: Any  # orbax CheckpointManager
   metrics_log: MetricsLog
   lineage: dict | None  # where a fine-tune's weights came from (in every card it writes)
+  learning_rate: Any  # step -> the (backbone's) learning rate, for the logs
 
   def card(self, step: int, metrics: dict) -> dict:
     card = checkpoint.make_card(self.model, self.config, self.info, step,
@@ -223,8 +234,11 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
   metrics_log = MetricsLog(workdir / "metrics.jsonl")
   metrics_log.drop_after(last_saved or 0)
+  metrics_log.tensorboard = TensorBoardLog(workdir / "tensorboard", (last_saved or 0) + 1,
+                                           dataclasses.asdict(config))
   manager = checkpoint.open_manager(workdir)
-  run = Run(config, workdir, model, info, steps_per_epoch, manager, metrics_log, lineage)
+  run = Run(config, workdir, model, info, steps_per_epoch, manager, metrics_log, lineage,
+            learning_rate_schedule(config, total_steps))
   try:
     with StopRequests() as stop:
       state, latest_metrics = train_epochs(run, state, latest_metrics, pending, last_saved, stop,
@@ -237,6 +251,8 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   except BaseException:
     _close_quietly(manager)
     raise
+  finally:
+    metrics_log.close()
   manager.close()
   print(f"Done: {config.model} on {config.dataset}, test accuracy "
         f"{latest_metrics['test']['accuracy']:.2%}; checkpoint {workdir}/{int(state.step)}")
@@ -302,7 +318,7 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
     check_finite(values, step, epoch + 1, workdir, last_saved)
     now = time.perf_counter()
     record = {"step": step, "epoch": epoch + 1, "split": "train", **mean_metrics(values),
-              "num_steps": len(values),
+              "num_steps": len(values), "learning_rate": float(run.learning_rate(step - 1)),
               "img_per_s": round(len(values) * config.batch_size / (now - window_start), 1)}
     run.metrics_log.write(record)
     latest_metrics["train"] = record
