@@ -4,6 +4,7 @@ training recipes live in `flaxzoo.training.configs`."""
 from flaxzoo.models.convnet import ConvNet
 from flaxzoo.models.lenet5 import LeNet5
 from flaxzoo.models.mlp import MLP
+from flaxzoo.models.nnx_bridge import create_nnx_model, to_nnx
 from flaxzoo.models.profile import abstract_variables, flops_per_image, param_count
 from flaxzoo.models.registry import (
                                      UnknownModelError,
@@ -18,4 +19,4 @@ from flaxzoo.models.vit import ViTTiny
 
 __all__ = ["ConvNet", "LeNet5", "MLP", "ResNet", "ViTTiny", "UnknownModelError", "abstract_variables",
            "create_model", "flops_per_image", "list_models", "model_description", "model_kwargs",
-           "param_count", "register_model"]
+           "param_count", "register_model", "create_nnx_model", "to_nnx"]

@@ -125,3 +125,47 @@ def write_checkpoint(workdir, model_name="convnet", class_names=None, steps=0, *
     checkpoint.save(manager, state, checkpoint.make_card(model, config, info, steps, 0.0, {}), keep=3)
     checkpoint.wait(manager)
   return state
+
+
+def run_main(capsys, *argv):
+  """`flaxzoo ARGV` in this process: (exit status, stdout, stderr)."""
+  from flaxzoo.training import cli
+  status = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+def assert_one_clear_error(result, *fragments):
+  status, _, err = result
+  assert status == 2, err
+  lines = [line for line in err.splitlines() if line.startswith("flaxzoo: error:")]
+  assert len(lines) == 1, err
+  assert "Traceback" not in err
+  for fragment in fragments:
+    assert fragment in lines[0], lines[0]
+  return lines[0]
+
+
+def tensorboard_scalars(workdir) -> dict:
+  """WORKDIR/tensorboard's scalars as TensorBoard itself reads them: {tag: [(step, value)...]}."""
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  reader = EventAccumulator(str(Path(workdir) / "tensorboard"), size_guidance={"scalars": 0})
+  reader.Reload()
+  return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
+
+
+def assert_tensorboard_equals_metrics(workdir):
+  """Every number of metrics.jsonl is a TensorBoard point at its step, once (as float32, the
+  event files' type), and TensorBoard has nothing else."""
+  import json
+
+  import numpy as np
+
+  from flaxzoo.training.tensorboard_log import SCALAR_FIELDS
+  expected = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    for field in SCALAR_FIELDS[record["split"]]:
+      expected.setdefault(f"{record['split']}/{field}", []).append(
+          (record["step"], float(np.float32(record[field]))))
+  assert tensorboard_scalars(workdir) == expected

@@ -8,12 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import generated_images, write_checkpoint
+from conftest import generated_images, run_main, write_checkpoint
 from jax.flatten_util import ravel_pytree
 from PIL import Image
 
 from flaxzoo import models
-from flaxzoo.training import analysis, cli
+from flaxzoo.training import analysis
 from flaxzoo.training.state import init_variables
 from flaxzoo.training.steps import cross_entropy, to_model_input
 
@@ -85,12 +85,6 @@ def test_saliency_is_the_gradient_of_the_top_logit(tiny):
   top = int(jnp.argmax(model.apply(variables, x)[0]))
   grad = jax.grad(lambda x: model.apply(variables, x)[0, top])(x)
   np.testing.assert_allclose(heat[0], np.abs(np.asarray(grad[0, ..., 0])), rtol=1e-5, atol=1e-7)
-
-
-def run_main(capsys, *argv):
-  status = cli.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return status, out, err
 
 
 @pytest.mark.parametrize("flags, fragment", [

@@ -7,29 +7,11 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli, tree_snapshot, write_checkpoint
+from conftest import assert_one_clear_error, run_cli, run_main, tree_snapshot, write_checkpoint
 from PIL import Image
 
 from flaxzoo import data
-from flaxzoo.training import cli, configs
-
-
-def run_main(capsys, *argv):
-  """`flaxzoo ARGV` in this process: (exit status, stdout, stderr)."""
-  status = cli.main([str(a) for a in argv])
-  out, err = capsys.readouterr()
-  return status, out, err
-
-
-def assert_one_clear_error(result, *fragments):
-  status, _, err = result
-  assert status == 2, err
-  lines = [line for line in err.splitlines() if line.startswith("flaxzoo: error:")]
-  assert len(lines) == 1, err
-  assert "Traceback" not in err
-  for fragment in fragments:
-    assert fragment in lines[0], lines[0]
-  return lines[0]
+from flaxzoo.training import cli
 
 
 def test_models_lists_names_and_parameter_counts(capsys):
@@ -38,7 +20,7 @@ def test_models_lists_names_and_parameter_counts(capsys):
   rows = {row["name"]: row for row in json.loads(out.splitlines()[-1])}
   assert set(rows) == {"convnet", "lenet5", "mlp", "resnet", "vit_tiny"}
   assert rows["mlp"]["params"] == 784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10
-  assert rows["mlp"]["train_defaults"] == configs.MODEL_RECIPES["mlp"]
+  assert rows["mlp"]["train_defaults"] == {"epochs": 10, "learning_rate": 1e-3}  # configs/mlp.toml
   assert rows["convnet"]["description"] and rows["convnet"]["params"] == 206_922
   # convnet by hand: conv1 28*28*16*9*2, conv2 14*14*32*16*9*2, dense 1568*128*2, head 128*10*2.
   # XLA skips the taps that fall on SAME padding (~7 % here) and adds ReLU, pooling and biases.
@@ -72,7 +54,7 @@ def test_bad_training_settings(tmp_path, capsys, args, fragment):
 def test_unknown_named_config_lists_the_named_ones(tmp_path, capsys):
   assert_one_clear_error(run_main(capsys, "train", "--config", "fastest", "--workdir", tmp_path / "w"),
                          "unknown --config 'fastest'; named configs: fast, convnet, lenet5, mlp, resnet, "
-                         "vit_tiny")
+                         "vit_tiny, or the path of a .toml file")
   assert not (tmp_path / "w").exists()
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tree_snapshot
+from conftest import ROOT, assert_tensorboard_equals_metrics, tree_snapshot
 
 from flaxzoo import models, training
-from flaxzoo.training import checkpoint, tensorboard_log
+from flaxzoo.training import checkpoint
 from flaxzoo.training import config as config_lib
 from flaxzoo.training.state import create_train_state
 
@@ -70,26 +70,6 @@ def uninterrupted(tmp_path_factory, mnist_data_dir):
   result = attempt(workdir, mnist_data_dir)
   assert result.returncode == 0, result.stderr
   return workdir
-
-
-def tensorboard_scalars(workdir) -> dict:
-  """WORKDIR/tensorboard's scalars as TensorBoard itself reads them: {tag: [(step, value)...]}."""
-  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  reader = EventAccumulator(str(Path(workdir) / "tensorboard"), size_guidance={"scalars": 0})
-  reader.Reload()
-  return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
-
-
-def assert_tensorboard_equals_metrics(workdir):
-  """Every number of metrics.jsonl is a TensorBoard point at its step, once (as float32, the
-  event files' type), and TensorBoard has nothing else."""
-  expected = {}
-  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    for field in tensorboard_log.SCALAR_FIELDS[record["split"]]:
-      expected.setdefault(f"{record['split']}/{field}", []).append(
-          (record["step"], float(np.float32(record[field]))))
-  assert tensorboard_scalars(workdir) == expected
 
 
 def assert_same_run(workdir, reference):

@@ -154,10 +154,10 @@ def test_unknown_or_mistyped_override_is_rejected():
 
 def test_named_config_fast_and_overrides():
   from flaxzoo.training.config import default_workdir
-  from flaxzoo.training.configs import NAMED_CONFIGS, named_config
+  from flaxzoo.training.configs import named_config
   fast = named_config("fast")
-  assert (fast.model, fast.epochs, fast.batch_size) == ("convnet", NAMED_CONFIGS["fast"]["epochs"],
-                                                        NAMED_CONFIGS["fast"]["batch_size"])
+  assert (fast.model, fast.epochs, fast.batch_size, fast.learning_rate) == ("convnet", 2, 128, 1.5e-2)
+  assert fast.config_file.endswith("configs/fast.toml")
   assert named_config("fast", epochs=5, model="lenet5").epochs == 5  # flags beside --config win
   assert default_workdir(fast, "fast") == "checkpoints/mnist-convnet-fast"  # not the main run's
 

@@ -8,7 +8,7 @@ optax.
 import importlib
 
 _WHERE = {
-    "checkpoint": ("load_checkpoint", "read_card"),
+    "checkpoint": ("load_checkpoint", "load_nnx_model", "read_card"),
     "checkpoint_analysis": ("analyze_checkpoint",),
     "config": ("Config", "ConfigError"),
     "configs": ("default_config", "named_config"),

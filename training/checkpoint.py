@@ -360,3 +360,10 @@ def load_checkpoint(workdir, step: int | None = None):
     return model, variables, card
 
   return newest_readable(workdir, restore, step)[1]
+
+
+def load_nnx_model(workdir, step: int | None = None, rngs=None):
+  """Returns `(nnx_model, card)`: the checkpoint's model as a Flax NNX module holding its weights
+  (and BatchNorm statistics), through `flax.nnx.bridge`; its logits equal the linen model's."""
+  model, variables, card = load_checkpoint(workdir, step)
+  return models.to_nnx(model, card["input_shape"], variables, rngs), card

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _print_error(message: str) -> int:
@@ -35,7 +36,8 @@ def cmd_models(args) -> int:
 
 
 TRAIN_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
-               "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype", "head")
+               "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype", "head",
+               "profile_steps")
 
 
 def _train_overrides(args) -> dict:
@@ -64,7 +66,8 @@ def cmd_train(args) -> int:
     config = configs.named_config(args.config, **overrides)
   else:
     config = configs.default_config(**{"model": "convnet", **overrides})
-  workdir = args.workdir or config_lib.default_workdir(config, args.config)
+  config_name = args.config and Path(args.config).name.removesuffix(".toml")
+  workdir = args.workdir or config_lib.default_workdir(config, config_name)
   if checkpoint.saved_steps(workdir):
     # Continue the saved run: its config is the base, the flags given now change it.
     saved = config_lib.from_dict(checkpoint.read_card(workdir)["config"])
@@ -176,6 +179,8 @@ def _training_flags() -> argparse.ArgumentParser:
                       help="also save a checkpoint every K steps (default: at epoch ends only)")
   parent.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="training compute dtype (parameters and optimizer state stay float32)")
+  parent.add_argument("--profile-steps", metavar="A:B", help="write a jax.profiler trace of train "
+                      "steps A..B into WORKDIR/profile/ (TensorBoard's profile plugin, Perfetto)")
   parent.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
   parent.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
   parent.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -196,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
   training_flags = _training_flags()
   p = sub.add_parser("train", parents=[training_flags],
                      help="train a model (continues from WORKDIR's latest checkpoint)")
-  p.add_argument("--config", metavar="NAME", help="a named setup from training/configs.py: fast "
-                 "(>= 99%% on MNIST in two epochs) or a model's recipe; the other flags override it")
+  p.add_argument("--config", metavar="NAME|FILE", help="a TOML config file of training.Config "
+                 "fields, or the name of one in configs/: fast (>= 99%% on MNIST in two epochs) or "
+                 "a model's recipe; the other flags override it")
   p.add_argument("--model", help="registered model name (default convnet)")
   p.add_argument("--dataset", help="tfds dataset name (default mnist) or folder:PATH")
   p.set_defaults(func=cmd_train)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import difflib
+import re
 import typing
 
 
@@ -32,6 +33,7 @@ class Config:
   log_every_steps: int = 100  # a train record in metrics.jsonl every N steps (and at epoch ends)
   dtype: str = "float32"  # training compute: float32 or bfloat16 (params, optimizer state: float32)
   augment: str = "none"  # none | shift (random translation by up to 2 pixels, during training)
+  profile_steps: str = ""  # "A:B": a jax.profiler trace of train steps A..B in WORKDIR/profile/
   # Fine-tuning (set by `flaxzoo finetune` / `training.finetune`; see training/finetuning.py).
   init_from: str | None = None  # workdir whose checkpoint initialises the model
   init_step: int | None = None  # that checkpoint's step, fixed when the fine-tune starts
@@ -44,6 +46,7 @@ class Config:
   # Where data come from (not part of what makes two runs the same run).
   data_dir: str | None = None  # tfds data dir; None = tfds's default (honours TFDS_DATA_DIR)
   manual_dir: str | None = None  # raw files; None = $FLAXZOO_MANUAL_DIR/<dataset> or download
+  config_file: str | None = None  # the --config file these settings started from (configs/*.toml)
 
 
 # Fields that must match for a checkpoint to continue the same run.
@@ -114,6 +117,9 @@ def validate(config: Config) -> None:
           isinstance(k, str) and isinstance(v, str) for k, v in config.class_map.items()),
        "a JSON object of class names, {\"new name\": \"checkpoint name\"}"),
       ("augment", config.augment in ("none", "shift"), "none or shift"),
+      ("profile_steps", profile_window(config.profile_steps, check=False) is not None
+       or not config.profile_steps, "A:B with 1 <= A <= B (train steps as numbered in metrics.jsonl), "
+       "e.g. 10:20"),
   ]
   if "num_classes" in config.model_kwargs:
     raise ConfigError("model_kwargs must not set num_classes: it comes from the dataset's labels")
@@ -122,6 +128,17 @@ def validate(config: Config) -> None:
       flag = "--" + key.replace("_", "-")
       raise ConfigError(f"{key} must be {requirement}, got {getattr(config, key)!r} (set {flag} "
                         f"or --set {key}=VALUE)")
+
+
+def profile_window(text: str, check: bool = True) -> tuple[int, int] | None:
+  """'A:B' -> (A, B), '' -> None; anything else raises ConfigError (None if not `check`)."""
+  match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text or "")
+  if match and 1 <= int(match[1]) <= int(match[2]):
+    return int(match[1]), int(match[2])
+  if text and check:
+    raise ConfigError(f"profile_steps must be A:B with 1 <= A <= B, got {text!r}; e.g. "
+                      f"--profile-steps 10:20")
+  return None
 
 
 def run_identity_changes(saved: Config, current: Config) -> list[str]:

@@ -23,7 +23,7 @@ def finetune_config(source_card: dict, source_workdir, dataset: str, **overrides
       saved, dataset=data.canonical_name(dataset), init_from=str(Path(source_workdir).absolute()),
       init_step=source_card["step"], input_shape=list(source_card["input_shape"]),
       train_examples=0, test_examples=0, checkpoint_every_steps=0, manual_dir=None, head="auto",
-      class_map=None)
+      class_map=None, config_file=None, profile_steps="")
   return config_lib.override(config, {k: v for k, v in overrides.items() if v is not None})
 
 

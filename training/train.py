@@ -29,6 +29,7 @@ from flaxzoo.training.config import Config, ConfigError
 from flaxzoo.training.errors import TrainingDiverged, TrainingInterrupted
 from flaxzoo.training.evaluation import evaluate
 from flaxzoo.training.optimizer import learning_rate_schedule
+from flaxzoo.training.profiling import StepProfiler
 from flaxzoo.training.state import TrainState, create_train_state
 from flaxzoo.training.steps import train_step
 from flaxzoo.training.tensorboard_log import TensorBoardLog
@@ -157,6 +158,7 @@ class Run:
   metrics_log: MetricsLog
   lineage: dict | None  # where a fine-tune's weights came from (in every card it writes)
   learning_rate: Any  # step -> the (backbone's) learning rate, for the logs
+  profiler: StepProfiler
 
   def card(self, step: int, metrics: dict) -> dict:
     card = checkpoint.make_card(self.model, self.config, self.info, step,
@@ -238,7 +240,8 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
                                            dataclasses.asdict(config))
   manager = checkpoint.open_manager(workdir)
   run = Run(config, workdir, model, info, steps_per_epoch, manager, metrics_log, lineage,
-            learning_rate_schedule(config, total_steps))
+            learning_rate_schedule(config, total_steps),
+            StepProfiler(config.profile_steps, workdir / "profile"))
   try:
     with StopRequests() as stop:
       state, latest_metrics = train_epochs(run, state, latest_metrics, pending, last_saved, stop,
@@ -252,6 +255,7 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
     _close_quietly(manager)
     raise
   finally:
+    run.profiler.stop()
     metrics_log.close()
   manager.close()
   print(f"Done: {config.model} on {config.dataset}, test accuracy "
@@ -347,7 +351,8 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
     stop_if_requested()
     for images, labels in data.train_batches(*train_split, config.batch_size, config.seed, epoch,
                                              start=start_batch):
-      state, step_metrics = train_step(state, images, labels)
+      with run.profiler.step(step + 1):
+        state, step_metrics = train_step(state, images, labels)
       step += 1
       window.append(step_metrics)
       bar.update()
