@@ -10,8 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (ROOT, assert_one_clear_error, assert_tensorboard_equals_metrics, run_main,
-                      write_checkpoint)
+from conftest import ROOT, assert_one_clear_error, assert_tensorboard_equals_metrics, run_main, write_checkpoint
 from PIL import Image
 
 from flaxzoo import models, training
