@@ -17,7 +17,7 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   n, height, width, channels = x.shape
   if height % 2 or width % 2:  # VALID pooling drops the odd row/column; crop it the same way
     height, width = height - height % 2, width - width % 2
-    x = x[:, :height, :width]
+    x = jax.lax.slice_in_dim(jax.lax.slice_in_dim(x, 0, height, axis=1), 0, width, axis=2)
   return x.reshape(n, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
 
 
@@ -61,7 +61,8 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
   (top, bottom), (left, right) = padding
   positions = (lhs.shape[0] * (lhs.shape[1] + top + bottom - rhs.shape[0] + 1)
                * (lhs.shape[2] + left + right - rhs.shape[1] + 1))
-  if rhs.shape[2] > 1 and positions > SMALL_CONV_POSITIONS:
+  small = isinstance(positions, int) and positions <= SMALL_CONV_POSITIONS  # a symbolic batch: large
+  if rhs.shape[2] > 1 and not small:
     return plain(lhs, rhs)
   return _windows_conv(lhs, rhs, padding)
 
@@ -73,8 +74,11 @@ def _windows_dot(x, kernel, padding):
   kh, kw, in_channels, features = kernel.shape
   padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
   out_h, out_w = padded.shape[1] - kh + 1, padded.shape[2] - kw + 1
-  windows = jnp.concatenate(
-      [padded[:, i:i + out_h, j:j + out_w] for i in range(kh) for j in range(kw)], axis=-1)
+  # lax slices, not indexing: with a symbolic batch (jax.export) indexing becomes a dynamic gather,
+  # which TFLite cannot take.
+  window = lambda i, j: jax.lax.slice_in_dim(jax.lax.slice_in_dim(padded, i, i + out_h, axis=1),
+                                             j, j + out_w, axis=2)
+  windows = jnp.concatenate([window(i, j) for i in range(kh) for j in range(kw)], axis=-1)
   return windows @ kernel.reshape(kh * kw * in_channels, features)
 
 

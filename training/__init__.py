@@ -14,6 +14,7 @@ _WHERE = {
     "configs": ("default_config", "named_config"),
     "errors": ("CheckpointError", "TrainingDiverged", "TrainingInterrupted"),
     "evaluation": ("eval_step", "evaluate", "predict_step"),
+    "export": ("export_checkpoint", "load_exported"),
     "finetuning": ("finetune",),
     "inference": ("evaluate_checkpoint", "predict_arrays", "predict_files"),
     "pretrained": ("load_pretrained",),

@@ -1,5 +1,5 @@
-"""The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`, `analyze`, `bench`. Each does
-what the Python API does. Commands import what they use: `flaxzoo --help` and `flaxzoo models` load
+"""The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`, `analyze`, `export`,
+`bench`. Each does what the Python API does. Commands import what they use: `flaxzoo --help` and `flaxzoo models` load
 no orbax, optax or TensorFlow."""
 
 import argparse
@@ -107,19 +107,35 @@ def cmd_predict(args) -> int:
   from flaxzoo.training.inference import predict_files
   if args.top_k < 1:
     return _print_error(f"--top-k must be at least 1, got {args.top_k}")
+  if (args.workdir is None) == (args.model_file is None):
+    return _print_error("give --workdir (a checkpoint) or --model-file (a stablehlo export), not both")
+  if args.model_file and (args.saliency or args.step is not None):
+    return _print_error("--saliency and --step need the checkpoint: use --workdir instead of --model-file")
   predictions, errors, card = predict_files(args.workdir, args.images, args.top_k, args.step,
-                                            saliency=args.saliency)
+                                            saliency=args.saliency, model_file=args.model_file)
   for error in errors:
     print(f"flaxzoo: error: {error['error']}", file=sys.stderr)
   if args.json:
-    print(json.dumps({"workdir": str(args.workdir), "step": card["step"],
-                      "predictions": predictions, "errors": errors}))
+    step = card["source"]["step"] if args.model_file else card["step"]
+    source = {"model_file": str(args.model_file)} if args.model_file else {"workdir": str(args.workdir)}
+    print(json.dumps({**source, "step": step, "predictions": predictions, "errors": errors}))
   else:
     for prediction in predictions:
       ranked = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in prediction["top_k"])
       saliency = f" (saliency: {prediction['saliency']})" if "saliency" in prediction else ""
       print(f"{prediction['file']}: {ranked}{saliency}")
   return 2 if errors else 0
+
+
+def cmd_export(args) -> int:
+  from flaxzoo.training.export import export_checkpoint, print_summary
+  card = export_checkpoint(args.workdir, args.format, args.out, args.step, args.force,
+                           args.data_dir, args.manual_dir)
+  out = args.out or f"{args.workdir}/export/{args.format}"
+  print_summary(card, out)
+  if args.json:
+    print(json.dumps({"out": str(out), **card}))
+  return 0
 
 
 def cmd_eval(args) -> int:
@@ -227,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_finetune)
 
   p = sub.add_parser("predict", help="classify image files with a trained checkpoint")
-  p.add_argument("--workdir", required=True)
+  p.add_argument("--workdir", help="the trained run (or give --model-file)")
+  p.add_argument("--model-file", metavar="PATH", help="a `flaxzoo export --format stablehlo` folder "
+                 "(or its model.stablehlo): runs without the model's Python code")
   p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
   p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per image (3)")
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
@@ -252,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--data-dir")
   p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
   p.set_defaults(func=cmd_analyze)
+
+  p = sub.add_parser("export", help="a checkpoint as StableHLO, TF SavedModel, TFLite or ONNX, "
+                     "checked against Flax before it is written")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--format", required=True, help="stablehlo, savedmodel, tflite or onnx")
+  p.add_argument("--out", metavar="PATH", help="output folder (default WORKDIR/export/FORMAT)")
+  p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+  p.add_argument("--force", action="store_true", help="replace an existing output folder")
+  p.add_argument("--manual-dir", help="raw files of the checkpoint's dataset (the check's test images)")
+  p.add_argument("--data-dir")
+  p.add_argument("--json", action="store_true", help="last line of stdout: the export's card")
+  p.set_defaults(func=cmd_export)
 
   p = sub.add_parser("eval", help="evaluate a checkpoint in a new process")
   p.add_argument("--workdir", required=True)

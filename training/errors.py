@@ -26,5 +26,10 @@ class TrainingDiverged(Exception):
     self.last_saved = last_saved
 
 
+class ExportError(Exception):
+  """An export that cannot be done or did not pass its check; nothing was written."""
+
+
 # Errors the CLI reports as one line and exit status 2.
-USER_ERRORS = (DataError, ConfigError, CheckpointError, UnknownModelError, TrainingDiverged)
+USER_ERRORS = (DataError, ConfigError, CheckpointError, UnknownModelError, TrainingDiverged,
+               ExportError)

@@ -11,7 +11,7 @@ from flaxzoo import data
 from flaxzoo.data import images as image_lib
 from flaxzoo.files import replace_atomically
 from flaxzoo.training import analysis, checkpoint, metrics
-from flaxzoo.training.config import dataset_slug
+from flaxzoo.training.config import ConfigError, dataset_slug
 from flaxzoo.training.evaluation import evaluate, passes_for, predict_step
 
 
@@ -25,8 +25,10 @@ def predict_arrays(model, variables, images, batch_size: int = 1000) -> np.ndarr
   return np.concatenate(probabilities)
 
 
-def predict_files(workdir, paths, top_k: int = 3, step: int | None = None, saliency: bool = False):
-  """`(predictions, errors, card)` for image files, using the checkpoint in `workdir`.
+def predict_files(workdir, paths, top_k: int = 3, step: int | None = None, saliency: bool = False,
+                  model_file=None):
+  """`(predictions, errors, card)` for image files, using the checkpoint in `workdir` or, with
+  `model_file`, a `flaxzoo export --format stablehlo` folder run without the model's code.
 
   predictions: one dict per readable file, `{"file", "top_k": [{"class", "probability"}, ...]}`,
   most probable first. errors: `{"file", "error"}` for each file that is not a readable image
@@ -34,9 +36,34 @@ def predict_files(workdir, paths, top_k: int = 3, step: int | None = None, salie
   that is stated once on stderr. With `saliency`, each prediction also names the PNG written
   beside its image, `<name>.saliency.png` (see `analysis.saliency`).
   """
-  model, variables, card = checkpoint.load_checkpoint(workdir, step)
-  shape = tuple(card["input_shape"])
-  class_names = card["dataset"]["class_names"]
+  if model_file is not None:
+    from flaxzoo.training.export import load_exported
+    if saliency:
+      raise ConfigError("saliency needs the checkpoint (its gradients): use the workdir, not a model file")
+    predict, card = load_exported(model_file)
+    shape, class_names = tuple(card["input"]["shape"][1:]), card["class_names"]
+  else:
+    model, variables, card = checkpoint.load_checkpoint(workdir, step)
+    shape, class_names = tuple(card["input_shape"]), card["dataset"]["class_names"]
+    predict = lambda images: predict_arrays(model, variables, images)
+  images, readable, errors = read_image_files(paths, shape)
+  predictions = []
+  if readable:
+    probabilities = np.asarray(predict(images))
+    k = max(1, min(top_k, len(class_names)))
+    for path, probs in zip(readable, probabilities):
+      best = np.argsort(-probs, kind="stable")[:k]
+      predictions.append({"file": path, "top_k": [
+          {"class": class_names[i], "probability": float(probs[i])} for i in best]})
+    if saliency:
+      for prediction, heat in zip(predictions, save_saliency(model, variables, images, readable)):
+        prediction["saliency"] = heat
+  return predictions, errors, card
+
+
+def read_image_files(paths, shape):
+  """`(images, readable paths, errors)`: the readable files converted to `shape` (N, H, W, C
+  uint8), and `{"file", "error"}` for the others. A conversion is stated once on stderr."""
   images, readable, errors, shapes = [], [], [], []
   for path in paths:
     try:
@@ -50,18 +77,7 @@ def predict_files(workdir, paths, top_k: int = 3, step: int | None = None, salie
   note = image_lib.conversion_note(f"{len(readable)} image file(s)", shapes, shape)
   if note:
     print(note, file=sys.stderr)
-  predictions = []
-  if images:
-    probabilities = predict_arrays(model, variables, np.stack(images))
-    k = max(1, min(top_k, len(class_names)))
-    for path, probs in zip(readable, probabilities):
-      best = np.argsort(-probs, kind="stable")[:k]
-      predictions.append({"file": path, "top_k": [
-          {"class": class_names[i], "probability": float(probs[i])} for i in best]})
-    if saliency:
-      for prediction, heat in zip(predictions, save_saliency(model, variables, np.stack(images), readable)):
-        prediction["saliency"] = heat
-  return predictions, errors, card
+  return (np.stack(images) if images else None), readable, errors
 
 
 def save_saliency(model, variables, images, paths) -> list[str]:

@@ -51,24 +51,30 @@ class TensorBoardLog:
   """
 
   def __init__(self, logdir, purge_step: int, config_values: dict):
+    self.logdir, self.purge_step, self.config_values = Path(logdir), purge_step, config_values
+    self._writer = None  # opened with the first record: a run that logs nothing leaves no file
+
+  def _open(self) -> None:
     events_writer, self._event_pb2, self._summary = _import_tensorboardx()
-    Path(logdir).mkdir(parents=True, exist_ok=True)
+    self.logdir.mkdir(parents=True, exist_ok=True)
     # Event files are named by the second and the host: the suffix keeps a run resumed within the
     # same second from overwriting the killed run's file.
-    self._writer = events_writer(os.path.join(logdir, "events"),
-                                 f".{purge_step:010d}.{os.getpid()}")
+    self._suffix = f".{self.purge_step:010d}.{os.getpid()}"
+    self._writer = events_writer(os.path.join(self.logdir, "events"), self._suffix)
     # TensorBoard drops the points of earlier files at steps >= purge_step (a killed run's).
     start = self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START)
-    self._write(self._event_pb2.Event(step=purge_step, session_log=start))
-    for summary in self._summary.hparams(hparams(config_values), dict.fromkeys(HPARAM_METRICS, 0.0)):
-      self._write(self._event_pb2.Event(step=purge_step, summary=summary))
-    self._writer.flush()
+    self._write(self._event_pb2.Event(step=self.purge_step, session_log=start))
+    config_hparams = hparams(self.config_values)
+    for summary in self._summary.hparams(config_hparams, dict.fromkeys(HPARAM_METRICS, 0.0)):
+      self._write(self._event_pb2.Event(step=self.purge_step, summary=summary))
 
   def _write(self, event) -> None:
     event.wall_time = time.time()
     self._writer.write_event(event)
 
   def write(self, record: dict) -> None:
+    if self._writer is None:
+      self._open()
     for field in SCALAR_FIELDS.get(record["split"], ()):
       if record.get(field) is not None:
         summary = self._summary.scalar(f"{record['split']}/{field}", float(record[field]))
@@ -76,4 +82,16 @@ class TensorBoardLog:
     self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()
+
+  def discard(self) -> None:
+    """Removes this run's event file (a run that ended saving nothing, whose records metrics.jsonl
+    also drops)."""
+    if self._writer is not None:
+      self._writer.close()
+      for path in self.logdir.glob(f"events.out.tfevents.*{self._suffix}"):
+        path.unlink()
+      self._writer = None
+      if self.logdir.exists() and not any(self.logdir.iterdir()):
+        self.logdir.rmdir()

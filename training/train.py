@@ -236,6 +236,7 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
   metrics_log = MetricsLog(workdir / "metrics.jsonl")
   metrics_log.drop_after(last_saved or 0)
+  resumed_from = last_saved
   metrics_log.tensorboard = TensorBoardLog(workdir / "tensorboard", (last_saved or 0) + 1,
                                            dataclasses.asdict(config))
   manager = checkpoint.open_manager(workdir)
@@ -250,6 +251,8 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   except TrainingDiverged as e:
     _close_quietly(manager)  # the save in flight holds a good state: let it commit
     metrics_log.drop_after(e.last_saved or 0)
+    if (e.last_saved or 0) == (resumed_from or 0):  # nothing of this run is kept
+      metrics_log.tensorboard.discard()
     raise
   except BaseException:
     _close_quietly(manager)
