@@ -37,7 +37,7 @@ def cmd_models(args) -> int:
 
 TRAIN_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
                "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype", "head",
-               "profile_steps")
+               "profile_steps", "log_every_steps")
 
 
 def _train_overrides(args) -> dict:
@@ -195,6 +195,8 @@ def _training_flags() -> argparse.ArgumentParser:
                       help="also save a checkpoint every K steps (default: at epoch ends only)")
   parent.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="training compute dtype (parameters and optimizer state stay float32)")
+  parent.add_argument("--log-every-steps", type=int, metavar="K", help="a train record in "
+                      "metrics.jsonl and TensorBoard every K steps (default 100; and at epoch ends)")
   parent.add_argument("--profile-steps", metavar="A:B", help="write a jax.profiler trace of train "
                       "steps A..B into WORKDIR/profile/ (TensorBoard's profile plugin, Perfetto)")
   parent.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
