@@ -64,11 +64,12 @@ def run_cli(*args, cwd=None, timeout=600):
 
 
 def tree_snapshot(path: Path) -> dict:
-  """Every file under `path` with its size, mtime and bytes: equal snapshots = nothing changed."""
+  """Every file under `path` with its size, mtime and bytes: equal snapshots = nothing changed.
+  A workdir's `.lock` is left out: each run that takes the writer lock names itself in it."""
   if not path.exists():
     return {}
   return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes())
-          for p in sorted(path.rglob("*")) if p.is_file()}
+          for p in sorted(path.rglob("*")) if p.is_file() and p.name != ".lock"}
 
 
 # Real MNIST (prepared by tfds, ~30-40 s once) and real training processes make a test slow: the

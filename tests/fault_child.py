@@ -2,7 +2,8 @@
 real signal at a chosen moment.
 
     python tests/fault_child.py [--kill-at-step N] [--kill-before-commit N] [--kill-after-commit N]
-                                [--signal KILL|TERM|INT] [--file-size-limit BYTES] -- TRAIN_ARGS...
+                                [--pause-at-step N] [--signal KILL|TERM|INT] [--file-size-limit BYTES]
+                                -- TRAIN_ARGS...
 
 The product code is not changed: the hooks wrap the jitted train step and orbax's commit (the
 rename of a finished temporary checkpoint folder) from outside, then run the real CLI.
@@ -25,6 +26,9 @@ def main() -> int:
                            "files but not yet committed them")
   parser.add_argument("--kill-after-commit", type=int, metavar="N",
                       help="signal itself right after the N-th save of this process committed")
+  parser.add_argument("--pause-at-step", type=int, metavar="N",
+                      help="sleep --pause-seconds before running this step (a run still going)")
+  parser.add_argument("--pause-seconds", type=float, default=15.0)
   parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "INT"])
   parser.add_argument("--file-size-limit", type=int,
                       help="RLIMIT_FSIZE: writes past this many bytes fail like a full disk")
@@ -55,6 +59,15 @@ def main() -> int:
           time.sleep(0.01)
         kill_self()
       return real_step(state, images, labels)
+    train.train_step = train_step
+
+  if args.pause_at_step is not None:
+    paused_step = train.train_step
+
+    def train_step(state, images, labels):
+      if int(state.step) == args.pause_at_step:
+        time.sleep(args.pause_seconds)
+      return paused_step(state, images, labels)
     train.train_step = train_step
 
   if args.kill_before_commit or args.kill_after_commit:

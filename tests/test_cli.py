@@ -265,4 +265,4 @@ def test_not_enough_disk_space_is_refused_before_training(tmp_path, mnist_data_d
                     "--set", "train_examples=256", "--set", "test_examples=100")
   assert_one_clear_error(result, f"not enough free disk space in {tmp_path / 'w'}", "MB are free",
                          "choose another --workdir")
-  assert not any(p.name.isdigit() for p in (tmp_path / "w").iterdir())
+  assert not (tmp_path / "w").exists()  # the refused run leaves no empty workdir

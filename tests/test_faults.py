@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -103,6 +104,36 @@ def test_sigkill_at_any_point_resumes_bit_for_bit(tmp_path, mnist_data_dir, unin
   assert len(list((workdir / "tensorboard").iterdir())) == 6
   assert_tensorboard_equals_metrics(workdir)
   assert_tensorboard_equals_metrics(uninterrupted)
+
+
+def start(workdir, data_dir, *hooks):
+  command = [sys.executable, str(ROOT / "tests" / "fault_child.py"), *map(str, hooks), "--",
+             *map(str, train_args(workdir, data_dir))]
+  return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def test_a_second_writer_is_refused_at_the_same_moment_and_mid_run(tmp_path, mnist_data_dir, uninterrupted):
+  workdir = tmp_path / "shared"
+  # Both started at once; whichever takes the lock pauses at step 2, so the other finds it held.
+  first, second = (start(workdir, mnist_data_dir, "--pause-at-step", 2, "--pause-seconds", 10)
+                   for _ in range(2))
+  results = sorted((p.wait(timeout=600), p.stderr.read()) for p in (first, second))
+  (ok, _), (refused, message) = results
+  assert (ok, refused) == (0, 2), message
+  assert "is being written by another flaxzoo run (pid" in message and "wait for it to end" in message
+  assert_same_run(workdir, uninterrupted)
+
+  # Mid-run: a second writer while the first is paused at step 16 of a continued run.
+  shutil.rmtree(workdir)
+  holder = start(workdir, mnist_data_dir, "--pause-at-step", 16, "--pause-seconds", 12)
+  deadline = time.monotonic() + 300
+  while 12 not in checkpoint.saved_steps(workdir) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  late = attempt(workdir, mnist_data_dir)
+  assert late.returncode == 2 and late.stderr.count("flaxzoo: error:") == 1, late.stderr
+  assert f"pid {holder.pid} on " in late.stderr
+  assert holder.wait(timeout=600) == 0, holder.stderr.read()
+  assert_same_run(workdir, uninterrupted)  # the first run's checkpoints and log untouched
 
 
 @pytest.mark.parametrize("name,status", [("TERM", 143), ("INT", 130)])

@@ -3,6 +3,7 @@
 A tiny ConvNet trained on real MNIST is the source; the image folder is written in the test from
 real MNIST digits (as 32x32 RGB PNGs, so every image needs converting to the model's input)."""
 
+import dataclasses
 import json
 import subprocess
 from pathlib import Path
@@ -342,3 +343,16 @@ def test_cli_class_map_keeps_the_rows_through_a_finetune(source, digit_folder, t
   card = checkpoint.read_card(tmp_path / "ft")
   assert card["lineage"]["head"]["rows"] == {"four": "4", "one": "1", "three": "3", "two": "2", "zero": "0"}
   assert card["config"]["class_map"] == json.loads(class_map.read_text())
+
+
+def test_a_source_step_deleted_meanwhile_is_replaced_by_the_newest(source, digit_folder, tmp_path, capsys):
+  """A source still training deletes old steps: the step chosen when the fine-tune began (here one
+  that is no longer on disk) gives way to the source's newest, said in one line."""
+  newest = checkpoint.read_card(source)["step"]
+  config = training.finetuning.finetune_config(checkpoint.read_card(source), source,
+                                               f"folder:{digit_folder}", epochs=1, batch_size=20)
+  config = dataclasses.replace(config, init_step=newest - 1)  # what retention removed
+  training.train_and_evaluate(config, tmp_path / "ft")
+  assert f"step {newest - 1} of {source.absolute()} is gone" in capsys.readouterr().err
+  card = checkpoint.read_card(tmp_path / "ft")
+  assert card["config"]["init_step"] == card["lineage"]["source_step"] == newest

@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from flaxzoo import data, models, runtime
 from flaxzoo.files import replace_atomically
-from flaxzoo.training import checkpoint, curves, pretrained
+from flaxzoo.training import checkpoint, curves, pretrained, workdir_lock
 from flaxzoo.training import config as config_lib
 from flaxzoo.training.config import Config, ConfigError
-from flaxzoo.training.errors import TrainingDiverged, TrainingInterrupted
+from flaxzoo.training.errors import CheckpointError, TrainingDiverged, TrainingInterrupted
 from flaxzoo.training.evaluation import evaluate
 from flaxzoo.training.optimizer import learning_rate_schedule
 from flaxzoo.training.profiling import StepProfiler
@@ -184,8 +184,14 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
   except (TypeError, models.UnknownModelError) as e:
     raise ConfigError(str(e)) from e
   check_writable(workdir)
+  with workdir_lock.hold(workdir):  # one writer per workdir, for the whole run
+    return _train_and_evaluate_locked(config, workdir)
+
+
+def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
   resume_card = checkpoint.read_card(workdir) if checkpoint.saved_steps(workdir) else None
   if config.init_from and not resume_card:  # a fine-tune's source must be readable: fail early
+    config = source_step_on_disk(config)
     checkpoint.read_card(config.init_from, config.init_step)
   if resume_card:
     check_resumable(resume_card, config, workdir)
@@ -225,9 +231,7 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
     print(f"Resuming {workdir} from step {last_saved} (epoch {last_saved / steps_per_epoch:.2f} "
           f"of {config.epochs}).", file=sys.stderr)
   elif config.init_from:
-    variables, report = pretrained.load_pretrained(
-        config.init_from, model, class_names=info.class_names, head=config.head,
-        class_map=config.class_map, step=config.init_step, variables=state.variables())
+    config, variables, report = load_source(config, model, info, state)
     state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
     frozen = pretrained.frozen_paths(state.params, config.freeze)
     pretrained.print_report(report, frozen, info.name)
@@ -272,6 +276,34 @@ def _close_quietly(manager) -> None:
     manager.close()
   except Exception:
     pass
+
+
+def source_step_on_disk(config: Config) -> Config:
+  """A fine-tune's source step, still on disk: a source that is still training deletes old steps
+  (it keeps its last few), so the step chosen when this run began may be gone; then the source's
+  newest step takes its place, said in one line."""
+  steps = checkpoint.saved_steps(config.init_from)
+  if config.init_step is None or config.init_step in steps or not steps:
+    return config
+  print(f"flaxzoo: note: step {config.init_step} of {config.init_from} is gone (a run still training "
+        f"keeps only its latest checkpoints); fine-tuning from its step {max(steps)}", file=sys.stderr)
+  return dataclasses.replace(config, init_step=max(steps))
+
+
+def load_source(config: Config, model, info, state, attempts: int = 3):
+  """`(config, variables, report)`: the fine-tune's source weights merged into `state`'s. Choosing
+  the step and reading it race with the source's retention: a step deleted in between is replaced
+  by the newest one (`source_step_on_disk`) and read again."""
+  for attempt in range(attempts):
+    config = source_step_on_disk(config)
+    try:
+      variables, report = pretrained.load_pretrained(
+          config.init_from, model, class_names=info.class_names, head=config.head,
+          class_map=config.class_map, step=config.init_step, variables=state.variables())
+      return config, variables, report
+    except CheckpointError:
+      if attempt == attempts - 1 or config.init_step in checkpoint.saved_steps(config.init_from):
+        raise
 
 
 def restore_finished(card: dict, config: Config, workdir) -> TrainState | None:
