@@ -41,10 +41,14 @@ def test_unknown_model_suggests_the_close_name(tmp_path, capsys):
 @pytest.mark.parametrize("args,fragment", [
     (["--epochs", "0"], "epochs must be at least 1"),
     (["--batch-size", "-1"], "batch_size must be at least 1"),
-    (["--learning-rate", "-1"], "learning_rate must be greater than 0"),
+    (["--learning-rate", "-1"], "learning_rate must be a finite number greater than 0"),
     (["--set", "epoch=2"], "unknown config field 'epoch'. Did you mean epochs?"),
     (["--set", "batch_size=\"big\""], "'batch_size' must be int"),
     (["--set", "nothing"], "--set takes KEY=VALUE"),
+    (["--seed", "-1"], "seed must be in [0, 2**32), got -1"),
+    (["--seed", str(2**64)], "seed must be in [0, 2**32)"),
+    (["--learning-rate", "inf"], "learning_rate must be a finite number greater than 0"),
+    (["--set", "keep_checkpoints=0"], "(set it with --set keep_checkpoints=VALUE)"),
 ])
 def test_bad_training_settings(tmp_path, capsys, args, fragment):
   assert_one_clear_error(run_main(capsys, "train", "--workdir", tmp_path / "w", *args), fragment)
@@ -266,3 +270,32 @@ def test_not_enough_disk_space_is_refused_before_training(tmp_path, mnist_data_d
   assert_one_clear_error(result, f"not enough free disk space in {tmp_path / 'w'}", "MB are free",
                          "choose another --workdir")
   assert not (tmp_path / "w").exists()  # the refused run leaves no empty workdir
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ('{"widths": 8}', "TypeError"),
+    ('{"hidden": 0}', "ZeroDivisionError"),
+    ('{"widths": [8, 8, 8, 8, 8, 8]}', "for 28x28x1 images"),
+])
+def test_model_arguments_it_cannot_be_built_with(tmp_path, mnist_data_dir, capsys, kwargs, fragment):
+  result = run_main(capsys, "train", "--workdir", tmp_path / "w", "--data-dir", mnist_data_dir,
+                    "--set", "train_examples=256", "--set", f"model_kwargs={kwargs}")
+  assert_one_clear_error(result, "model 'convnet' cannot be built with model_kwargs", fragment)
+  assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--frameworks", "jax,tf"], "unknown --frameworks tf; choose among jax, torch_eager, torch_compile"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_bad_bench_settings_are_one_line(capsys, args, fragment):
+  assert_one_clear_error(run_main(capsys, "bench", *args), fragment)
+
+
+def test_bench_without_torch_names_the_extra(capsys, monkeypatch):
+  import importlib.util
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
+  assert_one_clear_error(run_main(capsys, "bench"), "PyTorch is not installed", "--frameworks jax")

@@ -106,7 +106,7 @@ def test_a_user_config_file_with_tables_and_flags_on_top(tmp_path):
     ("epoch = 3\n", "unknown config field 'epoch'. Did you mean epochs?"),
     ('batch_size = "big"\n', "'batch_size' must be int"),
     ("epochs = \n", "is not valid TOML"),
-    ("learning_rate = -1.0\n", "learning_rate must be greater than 0"),
+    ("learning_rate = -1.0\n", "learning_rate must be a finite number greater than 0"),
 ])
 def test_bad_config_files_are_one_line_and_create_nothing(tmp_path, capsys, text, fragment):
   path = tmp_path / "bad.toml"

@@ -137,7 +137,7 @@ def test_more_epochs_continue_a_finished_run(tmp_path, mnist_data_dir, capsys):
 @pytest.mark.parametrize("overrides,message", [
     ({"epochs": 0}, "epochs must be at least 1"),
     ({"batch_size": -8}, "batch_size must be at least 1"),
-    ({"learning_rate": -0.1}, "learning_rate must be greater than 0"),
+    ({"learning_rate": -0.1}, "learning_rate must be a finite number greater than 0"),
 ])
 def test_bad_values_are_rejected(overrides, message):
   with pytest.raises(ConfigError, match=message):

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from flaxzoo.training.config import FIELDS_WITH_FLAGS as TRAIN_FLAGS
+
 
 def _print_error(message: str) -> int:
   print(f"flaxzoo: error: {message}", file=sys.stderr)
@@ -35,9 +37,6 @@ def cmd_models(args) -> int:
   return 0
 
 
-TRAIN_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
-               "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype", "head",
-               "profile_steps", "log_every_steps")
 
 
 def _train_overrides(args) -> dict:
@@ -167,9 +166,31 @@ def cmd_analyze(args) -> int:
   return 0
 
 
+BENCH_FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
+
+
+def bench_settings_error(args, frameworks) -> str | None:
+  """The first bad `bench` setting, as the one line to print (None if all are good)."""
+  import importlib.util
+  unknown = [f for f in frameworks if f not in BENCH_FRAMEWORKS]
+  if unknown or not frameworks:
+    return (f"unknown --frameworks {', '.join(unknown) or repr(args.frameworks)}; choose among "
+            f"{', '.join(BENCH_FRAMEWORKS)}")
+  for flag in ("batch_size", "eval_batch_size", "steps", "repeats", "latency_calls"):
+    if getattr(args, flag) < 1:
+      return f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}"
+  if any(f.startswith("torch") for f in frameworks) and importlib.util.find_spec("torch") is None:
+    return ("PyTorch is not installed: install the bench extra (pip install -e '.[bench]'), or "
+            "pass --frameworks jax")
+  return None
+
+
 def cmd_bench(args) -> int:
   from flaxzoo.benchmarks import report
   frameworks = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
+  error = bench_settings_error(args, frameworks)
+  if error:
+    return _print_error(error)
   log = (lambda *a, **k: print(*a, file=sys.stderr, **k)) if args.json else print
   result = report.benchmark(model=args.model, batch_size=args.batch_size,
                             eval_batch_size=args.eval_batch_size, steps=args.steps,

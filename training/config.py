@@ -2,6 +2,7 @@
 
 import dataclasses
 import difflib
+import math
 import re
 import typing
 
@@ -49,6 +50,12 @@ class Config:
   config_file: str | None = None  # the --config file these settings started from (configs/*.toml)
 
 
+# Fields that `flaxzoo train`/`finetune` also take as a flag (--batch-size ...); the others only
+# through --set KEY=VALUE or a config file.
+FIELDS_WITH_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
+                     "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype",
+                     "head", "profile_steps", "log_every_steps")
+
 # Fields that must match for a checkpoint to continue the same run.
 RUN_IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "batch_size", "seed", "train_examples",
                        "init_from", "init_step", "freeze", "head", "class_map", "input_shape",
@@ -95,7 +102,8 @@ def validate(config: Config) -> None:
   rules = [
       ("epochs", config.epochs >= 1, "at least 1"),
       ("batch_size", config.batch_size >= 1, "at least 1"),
-      ("learning_rate", config.learning_rate > 0, "greater than 0"),
+      ("learning_rate", 0 < config.learning_rate < math.inf, "a finite number greater than 0"),
+      ("seed", 0 <= config.seed < 2**32, "in [0, 2**32)"),
       ("warmup_fraction", 0 <= config.warmup_fraction < 1, "in [0, 1)"),
       ("weight_decay", config.weight_decay >= 0, "0 or more"),
       ("train_examples", config.train_examples >= 0, "0 (all) or more"),
@@ -104,8 +112,8 @@ def validate(config: Config) -> None:
       ("checkpoint_every_steps", config.checkpoint_every_steps >= 0, "0 (epoch ends only) or more"),
       ("keep_checkpoints", config.keep_checkpoints >= 1, "at least 1"),
       ("log_every_steps", config.log_every_steps >= 1, "at least 1"),
-      ("head_learning_rate", config.head_learning_rate is None or config.head_learning_rate > 0,
-       "greater than 0"),
+      ("head_learning_rate", config.head_learning_rate is None or 0 < config.head_learning_rate < math.inf,
+       "a finite number greater than 0"),
       ("input_shape", config.input_shape is None or (
           len(config.input_shape) == 3 and all(isinstance(n, int) and n > 0 for n in config.input_shape)
           and config.input_shape[2] in (1, 3)), "[height, width, 1 or 3]"),
@@ -125,9 +133,9 @@ def validate(config: Config) -> None:
     raise ConfigError("model_kwargs must not set num_classes: it comes from the dataset's labels")
   for key, ok, requirement in rules:
     if not ok:
-      flag = "--" + key.replace("_", "-")
-      raise ConfigError(f"{key} must be {requirement}, got {getattr(config, key)!r} (set {flag} "
-                        f"or --set {key}=VALUE)")
+      how = (f"set --{key.replace('_', '-')} or --set {key}=VALUE" if key in FIELDS_WITH_FLAGS
+             else f"set it with --set {key}=VALUE")
+      raise ConfigError(f"{key} must be {requirement}, got {getattr(config, key)!r} ({how})")
 
 
 def profile_window(text: str, check: bool = True) -> tuple[int, int] | None:

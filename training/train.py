@@ -216,8 +216,7 @@ def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
     raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(train_images)} "
                       f"training examples; lower --batch-size")
   total_steps = config.epochs * steps_per_epoch
-  model = models.create_model(config.model, num_classes=info.num_classes, **config.model_kwargs)
-  state = create_train_state(model, config, info.image_shape, total_steps)
+  model, state = build_model(config, info, total_steps)
 
   latest_metrics, pending = {}, []
   last_saved = lineage = None
@@ -276,6 +275,19 @@ def _close_quietly(manager) -> None:
     manager.close()
   except Exception:
     pass
+
+
+def build_model(config: Config, info, total_steps: int):
+  """`(model, train state)`; model arguments it cannot be built with are one ConfigError line."""
+  try:
+    model = models.create_model(config.model, num_classes=info.num_classes, **config.model_kwargs)
+    return model, create_train_state(model, config, info.image_shape, total_steps)
+  except Exception as e:  # the model's own complaint, e.g. a widths list too long for the input
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    shape = "x".join(map(str, info.image_shape))
+    raise ConfigError(f"model {config.model!r} cannot be built with model_kwargs "
+                      f"{json.dumps(config.model_kwargs)} for {shape} images ({type(e).__name__}: "
+                      f"{reason}); see `flaxzoo models --json` for its arguments and defaults") from e
 
 
 def source_step_on_disk(config: Config) -> Config:
