@@ -25,11 +25,46 @@ def _pil_mode(channels: int) -> str:
   return "L" if channels == 1 else "RGB"
 
 
+# Transparent pixels are composited on this background (white, as image viewers show them).
+ALPHA_BACKGROUND = 255
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _is_gray_palette(image) -> bool:
+  palette = image.getpalette() or []
+  return all(palette[i] == palette[i + 1] == palette[i + 2] for i in range(0, len(palette) - 2, 3))
+
+
+def is_grayscale(image) -> bool:
+  """Whether an image's pixels are gray by its mode (and palette), from its header alone."""
+  if image.mode in ("P", "PA"):
+    return _is_gray_palette(image)
+  return image.mode in GRAY_MODES
+
+
+def to_8bit_gray_or_rgb(image):
+  """A PIL image in mode L or RGB holding what its pixels are: 16-bit and 32-bit integer gray
+  scaled to 8 bits (not clipped), alpha composited on `ALPHA_BACKGROUND`, gray palettes as L."""
+  from PIL import Image
+  if image.mode.startswith("I"):
+    pixels = np.asarray(image, np.int64)
+    if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:  # 16-bit samples: 0..65535
+      pixels = (np.clip(pixels, 0, 65535) + 128) // 257
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
+  gray = is_grayscale(image)
+  if image.mode in ("RGBA", "LA", "La", "PA", "RGBa") or "transparency" in image.info:
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (ALPHA_BACKGROUND,) * 3 + (255,))
+    image = Image.alpha_composite(background, rgba)
+  return image.convert("L" if gray else "RGB")
+
+
 def convert_pil_image(image, shape) -> np.ndarray:
-  """A PIL image as uint8 (H, W, C) of `shape`: converted to grayscale or RGB, then resized."""
+  """A PIL image as uint8 (H, W, C) of `shape`: its pixels read faithfully (`to_8bit_gray_or_rgb`),
+  converted to grayscale or RGB, then resized."""
   from PIL import Image
   height, width, channels = shape
-  image = image.convert(_pil_mode(channels))
+  image = to_8bit_gray_or_rgb(image).convert(_pil_mode(channels))
   if image.size != (width, height):
     image = image.resize((width, height), Image.Resampling.BILINEAR)
   return np.asarray(image, np.uint8).reshape(shape)
@@ -61,6 +96,9 @@ def open_image(path, decode: bool = True):
     raise DataError(f"{path}: no such file") from e
   except IsADirectoryError as e:
     raise DataError(f"{path}: is a folder, not an image file") from e
+  except Image.DecompressionBombError as e:
+    raise DataError(f"{path}: too large to open ({e.args[0].rstrip('.')}); if the file is trusted, "
+                    f"raise the limit with --max-image-pixels N") from e
   except (UnidentifiedImageError, OSError, ValueError) as e:
     reason = "not an image PIL can read" if isinstance(e, UnidentifiedImageError) else str(e)
     raise DataError(f"{path}: cannot read it as an image ({reason}); give PNG or JPEG "
@@ -70,7 +108,7 @@ def open_image(path, decode: bool = True):
 
 def pil_shape(image) -> tuple[int, int, int]:
   """(H, W, C) of a PIL image as a model would see it unconverted: C is 1 for grayscale modes."""
-  return image.height, image.width, 1 if image.mode in ("1", "L", "I", "I;16", "F") else 3
+  return image.height, image.width, 1 if is_grayscale(image) else 3
 
 
 def header_shape(path) -> tuple[int, int, int]:

@@ -97,3 +97,58 @@ def test_decoded_splits_are_kept_beside_the_prepared_data(mnist_data_dir):
     assert (cache_dir / "test-images.npy").read_bytes() == saved
   finally:
     (cache_dir / "test-images.npy").write_bytes(saved)
+
+
+# Images read faithfully: bit depth, alpha, palettes, and files too large to open.
+
+def read_back(path, shape):
+  from flaxzoo.data import images as image_lib
+  image = image_lib.open_image(path)
+  return image_lib.pil_shape(image), image_lib.convert_pil_image(image, shape)
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_binarised(tmp_path):
+  from PIL import Image
+  pixels = np.array([[0, 257 * 100, 65535, 257]], np.uint16)
+  Image.fromarray(pixels).save(tmp_path / "deep.png")
+  shape, converted = read_back(tmp_path / "deep.png", (1, 4, 1))
+  assert shape == (1, 4, 1)
+  assert converted[..., 0].tolist() == [[0, 100, 255, 1]]
+
+
+def test_gray_with_alpha_and_gray_palettes_are_grayscale(tmp_path):
+  from PIL import Image
+  la = Image.new("LA", (2, 1))
+  la.putpixel((0, 0), (50, 255))  # opaque gray
+  la.putpixel((1, 0), (0, 0))  # fully transparent: the background shows
+  la.save(tmp_path / "la.png")
+  shape, converted = read_back(tmp_path / "la.png", (1, 2, 1))
+  assert shape == (1, 2, 1) and converted[..., 0].tolist() == [[50, 255]]
+
+  gray_palette = Image.fromarray(np.array([[0, 128]], np.uint8), "L").convert("P")
+  gray_palette.save(tmp_path / "p.png")
+  assert read_back(tmp_path / "p.png", (1, 2, 1))[0] == (1, 2, 1)
+  colour_palette = Image.fromarray(np.array([[[255, 0, 0], [0, 0, 255]]], np.uint8), "RGB").convert("P")
+  colour_palette.save(tmp_path / "colour.png")
+  assert read_back(tmp_path / "colour.png", (1, 2, 3))[0] == (1, 2, 3)
+
+
+def test_an_image_too_large_to_open_is_one_line_and_the_others_are_predicted(tmp_path, capsys):
+  from conftest import run_main, write_checkpoint
+  from PIL import Image
+  write_checkpoint(tmp_path / "run")
+  Image.new("L", (300, 300)).save(tmp_path / "big.png")  # 90,000 pixels
+  Image.new("L", (28, 28)).save(tmp_path / "small.png")
+  limit = Image.MAX_IMAGE_PIXELS
+  try:
+    Image.MAX_IMAGE_PIXELS = 20_000  # PIL refuses above twice its limit
+    status, out, err = run_main(capsys, "predict", "--workdir", tmp_path / "run", tmp_path / "big.png",
+                                tmp_path / "small.png")
+    assert status == 2 and err.count("flaxzoo: error:") == 1 and "Traceback" not in err
+    assert "big.png: too large to open" in err and "--max-image-pixels" in err
+    assert "small.png:" in out
+    status, out, _ = run_main(capsys, "predict", "--workdir", tmp_path / "run", tmp_path / "big.png",
+                              "--max-image-pixels", 100_000)
+    assert status == 0 and "big.png:" in out
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit

@@ -220,6 +220,8 @@ def _training_flags() -> argparse.ArgumentParser:
                       "metrics.jsonl and TensorBoard every K steps (default 100; and at epoch ends)")
   parent.add_argument("--profile-steps", metavar="A:B", help="write a jax.profiler trace of train "
                       "steps A..B into WORKDIR/profile/ (TensorBoard's profile plugin, Perfetto)")
+  parent.add_argument("--max-image-pixels", type=int, metavar="N", help="open image files of up "
+                      "to N pixels (PIL's decompression-bomb limit, default 89,478,485)")
   parent.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
   parent.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
   parent.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -273,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--top-k", type=int, default=3, metavar="K", help="classes shown per image (3)")
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.add_argument("--max-image-pixels", type=int, metavar="N", help="open image files of up to N "
+                 "pixels (PIL's decompression-bomb limit, default 89,478,485)")
   p.add_argument("--saliency", action="store_true", help="also write IMAGE.saliency.png beside each "
                  "image: |d logit / d input| of the predicted class")
   p.set_defaults(func=cmd_predict)
@@ -356,6 +360,9 @@ def main(argv=None) -> int:
     absl.logging.set_verbosity(absl.logging.FATAL)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # its tasks' errors, once more
     checkpoint.ignore_closed_loop_callbacks()
+  if getattr(args, "max_image_pixels", None):  # process-wide, like PIL's own setting
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
   try:
     return args.func(args)
   except USER_ERRORS as e:
