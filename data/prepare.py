@@ -1,12 +1,10 @@
-"""Prepares a tfds dataset as ArrayRecord, or lists an image folder (`folder:PATH --list-file F`,
-as JSON); run as a subprocess by `data.datasets.prepare` and `data.folders.list_folder`.
+"""Prepares a tfds dataset as ArrayRecord; run as a subprocess by `data.datasets.prepare`.
 
-tfds needs TensorFlow for both; running them in their own process keeps TensorFlow out of the
-training process. On failure the reason goes to --error-file as one line.
+tfds needs TensorFlow for it; running it in its own process keeps TensorFlow out of the training
+process. On failure the reason goes to --error-file as one line.
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -16,18 +14,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("name")
   parser.add_argument("--data-dir")
-  parser.add_argument("--list-file", help="for folder:PATH, where to write the listing (JSON)")
   parser.add_argument("--manual-dir")
   parser.add_argument("--error-file")
   args = parser.parse_args(argv)
   try:
     import tensorflow_datasets as tfds
-    if args.list_file:
-      from flaxzoo.data import folders
-      listing = folders.scan_with_image_folder(folders.folder_path(args.name))
-      with open(args.list_file, "w") as f:
-        json.dump(listing, f)
-      return 0
     builder = tfds.builder(args.name, data_dir=args.data_dir, file_format="array_record")
     # tfds names a manual file's extraction after the file alone (extracted/GZIP.<file name>) and
     # reuses one that exists: mnist and fashion_mnist share file names, so with the shared default

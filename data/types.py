@@ -14,6 +14,9 @@ class DatasetInfo:
   class_names: tuple[str, ...]
   image_shape: tuple[int, int, int]  # (H, W, C)
   num_examples: dict  # split name -> count
+  split_rule: str | None = None  # image folders: how the test split was chosen (in the card)
+  # image folders: split name -> file paths relative to the folder (WORKDIR/dataset-files.json)
+  files: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass

@@ -152,3 +152,67 @@ def test_an_image_too_large_to_open_is_one_line_and_the_others_are_predicted(tmp
     assert status == 0 and "big.png:" in out
   finally:
     Image.MAX_IMAGE_PIXELS = limit
+
+
+# Image folders: a hold-out that never moves, and what counts as a class.
+
+def write_pngs(folder, names):
+  from PIL import Image
+  folder.mkdir(parents=True, exist_ok=True)
+  for name in names:
+    Image.new("L", (8, 8), color=len(name)).save(folder / name)
+
+
+def split_of(root):
+  from flaxzoo.data import folders
+  files = folders.load_folder_dataset(f"folder:{root}").info.files
+  return {path: split for split, paths in files.items() for path in paths}
+
+
+def test_the_held_out_split_of_a_folder_never_moves_a_file(tmp_path):
+  for name in ("cat", "dog"):
+    write_pngs(tmp_path / name, [f"{i}.png" for i in range(30)])
+  before = split_of(tmp_path)
+  assert 6 <= sum(split == "test" for split in before.values()) <= 20  # about 20 % of 60
+  write_pngs(tmp_path / "cat", [f"new-{i}.png" for i in range(10)])
+  for i in range(5):
+    (tmp_path / "dog" / f"{i}.png").unlink()
+  after = split_of(tmp_path)
+  assert {path: before[path] for path in after if path in before} == \
+         {path: split for path, split in after.items() if path in before}
+
+
+def test_what_a_folder_dataset_counts_as_a_class(tmp_path):
+  from flaxzoo.data import folders
+  write_pngs(tmp_path / "a", ["1.png", "2.png"])
+  write_pngs(tmp_path / "a" / "nested" / "deeper", ["3.png"])  # belongs to class a
+  write_pngs(tmp_path / "b", ["1.png", "2.png"])
+  write_pngs(tmp_path / ".hidden", ["1.png"])
+  write_pngs(tmp_path / "__MACOSX" / "a", ["1.png"])
+  listing = folders.list_folder(tmp_path)
+  assert listing["class_names"] == ["a", "b"]
+  assert sum(label == 0 for _, label in listing["splits"]["train"]) == 3
+
+  one_class = tmp_path / "one"
+  write_pngs(one_class / "only", ["1.png", "2.png"])
+  with pytest.raises(data.DataError, match="has 1 class folder.*at least two"):
+    folders.list_folder(one_class)
+  (tmp_path / "c").mkdir()  # an empty class folder
+  with pytest.raises(data.DataError, match="class 'c' has no training images"):
+    folders.list_folder(tmp_path)
+
+  split = tmp_path / "split"
+  for name in ("x", "y"):
+    write_pngs(split / "train" / name, ["1.png"])
+    write_pngs(split / "test" / name, ["1.png"])
+  write_pngs(split / "test" / "z", ["1.png"])
+  with pytest.raises(data.DataError, match="has classes that .* lacks: z"):
+    folders.list_folder(split)
+
+
+def test_folder_changes_count_new_and_gone_files():
+  from flaxzoo.data import folders
+  recorded = {"train": ["a/1.png", "a/2.png"], "test": ["b/1.png"]}
+  now = {"train": ["a/1.png", "a/3.png", "a/4.png"], "test": []}
+  assert folders.folder_changes(recorded, now) == {"train": {"new": 2, "gone": 1},
+                                                   "test": {"new": 0, "gone": 1}}

@@ -145,10 +145,12 @@ def test_folder_layouts_and_held_out_fraction(digit_folder, tmp_path):
   assert full.info.num_examples == {"train": 60, "test": 20}
   flat = folders.load_folder_dataset(f"folder:{digit_folder / 'train'}", image_shape=(28, 28, 1),
                                      test_fraction=0.25)
-  train_labels, test_labels = flat.splits["train"][1], flat.splits["test"][1]
+  train_files, test_files = set(flat.info.files["train"]), set(flat.info.files["test"])
   assert flat.splits["train"][0].shape[1:] == (28, 28, 1)
-  assert np.bincount(test_labels).tolist() == [3] * 5  # stratified: 25 % of 12 per class
-  assert np.bincount(train_labels).tolist() == [9] * 5
+  assert len(train_files | test_files) == 60 and not train_files & test_files
+  assert 5 <= len(test_files) <= 25  # about 25 % of 60: each file by the hash of its path
+  assert set(flat.splits["train"][1].tolist()) == set(range(5))  # every class trains
+  assert flat.info.split_rule.startswith("held out by hash")
   with pytest.raises(data.DataError, match="does not exist"):
     folders.load_folder_dataset(f"folder:{tmp_path / 'missing'}")
 
@@ -356,3 +358,24 @@ def test_a_source_step_deleted_meanwhile_is_replaced_by_the_newest(source, digit
   assert f"step {newest - 1} of {source.absolute()} is gone" in capsys.readouterr().err
   card = checkpoint.read_card(tmp_path / "ft")
   assert card["config"]["init_step"] == card["lineage"]["source_step"] == newest
+
+
+def test_eval_on_a_folder_that_changed_says_what_changed(source, digit_folder, tmp_path, capsys):
+  import shutil
+  root = tmp_path / "digits"
+  shutil.copytree(digit_folder, root)
+  workdir = tmp_path / "ft"
+  training.finetune(source, f"folder:{root}", workdir, epochs=1, batch_size=20)
+  card = checkpoint.read_card(workdir)
+  assert card["dataset"]["split_rule"] == "PATH/train/ and PATH/test/ folders"
+  recorded = json.loads((workdir / "dataset-files.json").read_text())
+  assert len(recorded["test"]) == card["dataset"]["num_examples"]["test"] == 20
+  one = root / "test" / "one"
+  first, second = sorted(one.iterdir())[:2]
+  shutil.copy(first, one / "copy-a.png")
+  shutil.copy(first, one / "copy-b.png")
+  second.unlink()
+  capsys.readouterr()
+  result = run_main(capsys, "eval", "--workdir", workdir, "--json")
+  assert result.returncode == 0, result.stderr
+  assert "changed since training: its test split has 2 new and 1 gone files" in result.stderr

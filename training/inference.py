@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxzoo import data
+from flaxzoo.data import folders
 from flaxzoo.data import images as image_lib
 from flaxzoo.files import replace_atomically
 from flaxzoo.training import analysis, checkpoint, metrics
@@ -103,7 +104,7 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
   paths are in the result's "files" (a folder that cannot be written to only gets a warning).
   """
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
-  images, labels = checkpoint_split(card, split, data_dir, manual_dir)
+  images, labels = checkpoint_split(card, split, data_dir, manual_dir, workdir=workdir)
   result = evaluate(model, variables, images, labels, card["config"].get("eval_batch_size", 1000),
                     card["dataset"]["class_names"])
   result.update(step=card["step"], split=split, dataset=card["dataset"]["name"],
@@ -113,15 +114,24 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
   return result
 
 
-def checkpoint_split(card: dict, split: str, data_dir: str | None = None, manual_dir: str | None = None):
+def checkpoint_split(card: dict, split: str, data_dir: str | None = None, manual_dir: str | None = None,
+                     workdir=None):
   """`(images, labels)` of `split` of a checkpoint's own dataset, with the examples and input
-  conversion it was trained with."""
+  conversion it was trained with. For an image folder, with `workdir`: a folder whose files
+  changed since training is said in one line (how many new, how many gone)."""
   saved = card["config"]
   limit = {"test": saved.get("test_examples"), "train": saved.get("train_examples")}.get(split)
   dataset = data.load_dataset(
       card["dataset"]["name"], data_dir or saved.get("data_dir"), manual_dir or saved.get("manual_dir"),
       splits=(split,), limits={split: limit}, image_shape=card["input_shape"],
       test_fraction=saved.get("test_fraction", 0.2))
+  recorded = Path(workdir) / "dataset-files.json" if workdir else None
+  if dataset.info.files and recorded and recorded.exists():
+    changes = folders.folder_changes(json.loads(recorded.read_text()), dataset.info.files)[split]
+    if changes["new"] or changes["gone"]:
+      print(f"flaxzoo: note: {card['dataset']['name']} changed since training: its {split} split has "
+            f"{changes['new']} new and {changes['gone']} gone files; evaluating it as it is now",
+            file=sys.stderr)
   return dataset.splits[split]
 
 

@@ -34,6 +34,8 @@ from flaxzoo.training.state import TrainState, create_train_state
 from flaxzoo.training.steps import train_step
 from flaxzoo.training.tensorboard_log import TensorBoardLog
 
+DATASET_FILES = "dataset-files.json"  # an image folder's files at training time, per split
+
 
 class MetricsLog:
   """WORKDIR/metrics.jsonl: one JSON object per line; each record also goes to TensorBoard when a
@@ -237,6 +239,9 @@ def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
     lineage = pretrained.lineage(report, frozen)
   check_writable(workdir, create=True)
   checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
+  if info.files and not resume_card:  # what an image folder held, for eval to compare against
+    files_json = json.dumps(info.files)
+    replace_atomically(workdir / DATASET_FILES, lambda tmp: tmp.write_text(files_json))
   metrics_log = MetricsLog(workdir / "metrics.jsonl")
   metrics_log.drop_after(last_saved or 0)
   resumed_from = last_saved
