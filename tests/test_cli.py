@@ -5,6 +5,7 @@ would run them (slow tier)."""
 import hashlib
 import json
 
+import jax
 import numpy as np
 import pytest
 from conftest import assert_one_clear_error, run_cli, run_main, tree_snapshot, write_checkpoint
@@ -299,3 +300,36 @@ def test_bench_without_torch_names_the_extra(capsys, monkeypatch):
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name, *a: None if name == "torch" else real_find_spec(name, *a))
   assert_one_clear_error(run_main(capsys, "bench"), "PyTorch is not installed", "--frameworks jax")
+
+
+def test_free_space_counts_the_checkpoints_already_there(tmp_path, monkeypatch):
+  import collections
+  import shutil
+
+  from flaxzoo.training import checkpoint
+  state = write_checkpoint(tmp_path / "run", steps=0)
+  for step in (1, 2):  # three committed checkpoints: as many as a run keeps
+    with checkpoint.open_manager(tmp_path / "run") as manager:
+      card = checkpoint.read_card(tmp_path / "run")
+      checkpoint.save(manager, state.replace(step=step), {**card, "step": step}, keep=3)
+      checkpoint.wait(manager)
+  size = sum(x.nbytes for x in jax.tree.leaves(state))
+  usage = collections.namedtuple("usage", "total used free")
+  monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 2 * size + (1 << 20)))
+  checkpoint.check_free_space(tmp_path / "run", state, keep=3)  # one more at a time: it fits
+  with pytest.raises(checkpoint.CheckpointError, match="4 more checkpoint"):
+    checkpoint.check_free_space(tmp_path / "fresh", state, keep=3)
+
+
+def test_predict_arrays_takes_uint8_or_unit_floats_only(tmp_path):
+  from flaxzoo import training
+  write_checkpoint(tmp_path / "run")
+  model, variables, _ = training.load_checkpoint(tmp_path / "run")
+  pixels = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+  by_uint8 = training.predict_arrays(model, variables, pixels)
+  np.testing.assert_allclose(training.predict_arrays(model, variables, pixels / 255.0), by_uint8, atol=1e-6)
+  with pytest.raises(data.DataError, match=r"scaled to \[0, 1\], got values in \[0, 255\]"):
+    training.predict_arrays(model, variables, pixels.astype(np.float32))
+  with pytest.raises(data.DataError, match="got int64"):
+    training.predict_arrays(model, variables, pixels.astype(np.int64))
+  assert training.predict_arrays(model, variables, pixels[:0]).shape == (0, 10)

@@ -70,7 +70,14 @@ def uninterrupted(tmp_path_factory, mnist_data_dir):
   workdir = tmp_path_factory.mktemp("faults") / "uninterrupted"
   result = attempt(workdir, mnist_data_dir)
   assert result.returncode == 0, result.stderr
+  (workdir.parent / "uninterrupted.stdout").write_text(result.stdout)
   return workdir
+
+
+def epoch_lines(stdout: str) -> dict:
+  """{epoch: its printed figures} without the timing, which legitimately differs between runs."""
+  return {line.split()[1]: line.split(" img/s")[0].rsplit("  ", 1)[0]
+          for line in stdout.splitlines() if line.startswith("epoch ")}
 
 
 def assert_same_run(workdir, reference):
@@ -98,6 +105,9 @@ def test_sigkill_at_any_point_resumes_bit_for_bit(tmp_path, mnist_data_dir, unin
   result = attempt(workdir, mnist_data_dir)
   assert result.returncode == 0, result.stderr
   assert "Resuming" in result.stderr and "from step 24" in result.stderr
+  # The resumed epoch's printed figures cover the whole epoch, as the uninterrupted run's do.
+  reference = epoch_lines((uninterrupted.parent / "uninterrupted.stdout").read_text())
+  assert epoch_lines(result.stdout) == {"3/3": reference["3/3"]}
   assert not [p.name for p in workdir.iterdir() if "tmp" in p.name]  # cleaned up on restart
   assert_same_run(workdir, uninterrupted)
   # Six writers' event files: the points the killed runs wrote past their restored step are purged.

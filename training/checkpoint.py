@@ -185,12 +185,23 @@ def _committed_steps(workdir) -> list[int]:
     return []
 
 
+# In the names of orbax's temporary folders (a save not yet committed).
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
 def check_free_space(workdir, state: TrainState, keep: int) -> None:
-  """Raises when the disk cannot hold `keep` + 1 checkpoints of `state` (one is being written)."""
-  needed = (keep + 1) * sum(x.nbytes for x in jax.tree.leaves(state)) + (1 << 20)  # no host copy
-  free = shutil.disk_usage(workdir).free
+  """Raises when the disk cannot hold the checkpoints this run will add: at most `keep` + 1 are on
+  disk at once (one being written), and those already committed count among them. Orbax's
+  temporary folders of an interrupted save count as free: they are removed when training starts."""
+  size = sum(x.nbytes for x in jax.tree.leaves(state))  # no host copy
+  committed = len(saved_steps(workdir)) if Path(workdir).exists() else 0
+  new = keep + 1 - min(committed, keep)
+  needed = new * size + (1 << 20)
+  leftovers = sum(f.stat().st_size for tmp in Path(workdir).glob(f"*{TMP_MARK}*")
+                  for f in tmp.rglob("*") if f.is_file()) if Path(workdir).exists() else 0
+  free = shutil.disk_usage(workdir).free + leftovers
   if free < needed:
-    raise CheckpointError(f"not enough free disk space in {workdir}: {keep + 1} checkpoints need "
+    raise CheckpointError(f"not enough free disk space in {workdir}: {new} more checkpoint(s) need "
                           f"about {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free; free some "
                           f"space or choose another --workdir")
 

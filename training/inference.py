@@ -16,8 +16,30 @@ from flaxzoo.training.config import ConfigError, dataset_slug
 from flaxzoo.training.evaluation import evaluate, passes_for, predict_step
 
 
+def check_input_images(images) -> np.ndarray:
+  """`images` as an array the models take: uint8 pixels, or floats already scaled to [0, 1].
+  Anything else (0-255 floats, other integer types) raises DataError saying how to convert it."""
+  images = np.asarray(images)
+  if images.ndim != 4:
+    raise data.DataError(f"images must be an (N, H, W, C) array, got shape {images.shape}")
+  if images.dtype == np.uint8:
+    return images
+  if np.issubdtype(images.dtype, np.floating):
+    low, high = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+    if 0.0 <= low and high <= 1.0:
+      return images
+    raise data.DataError(f"float images must be scaled to [0, 1], got values in [{low:g}, {high:g}]; "
+                         f"divide 0-255 pixels by 255, or pass them as uint8")
+  raise data.DataError(f"images must be uint8 (0-255) or float in [0, 1], got {images.dtype}; "
+                       f"convert them with .astype(np.uint8) if they are 0-255 pixels")
+
+
 def predict_arrays(model, variables, images, batch_size: int = 1000) -> np.ndarray:
-  """Class probabilities (N, num_classes) for uint8 or [0, 1] float images (N, H, W, C)."""
+  """Class probabilities (N, num_classes) for uint8 or [0, 1] float images (N, H, W, C); an empty
+  batch gives an empty result. Other inputs raise DataError (`check_input_images`)."""
+  images = check_input_images(images)
+  if not len(images):
+    return np.zeros((0, model.num_classes), np.float32)
   probabilities = []
   for start in range(0, len(images), batch_size):
     batch = images[start:start + batch_size]

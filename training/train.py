@@ -56,6 +56,11 @@ class MetricsLog:
     if kept != text:
       replace_atomically(self.path, lambda tmp: tmp.write_text(kept))
 
+  def records(self) -> list[dict]:
+    if not self.path.exists():
+      return []
+    return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
   def write(self, record: dict) -> None:
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
@@ -105,6 +110,18 @@ def mean_metrics(values: list[dict]) -> dict:
   """Means in float64 of per-step float32 values: the same whether they come from the device or,
   after a resume, from the card's JSON (which holds them exactly)."""
   return {k: float(np.mean(np.asarray([v[k] for v in values], np.float64))) for k in values[0]}
+
+
+def epoch_summary(logged: list[dict], values: list[dict]) -> dict:
+  """Loss and accuracy over a whole epoch: the train records already in metrics.jsonl (window
+  means, weighted by their `num_steps`; a resumed run's earlier part) and this process's per-step
+  values."""
+  steps = sum(r["num_steps"] for r in logged) + len(values)
+  if not steps:
+    return {"loss": np.nan, "accuracy": np.nan}
+  current = mean_metrics(values) if values else {"loss": 0.0, "accuracy": 0.0}
+  return {key: (sum(r[key] * r["num_steps"] for r in logged) + current[key] * len(values)) / steps
+          for key in ("loss", "accuracy")}
 
 
 def check_finite(values: list[dict], last_step: int, epoch: int, workdir, last_saved) -> None:
@@ -333,8 +350,8 @@ def restore_finished(card: dict, config: Config, workdir) -> TrainState | None:
     return None
   test = card["metrics"].get("test", {})
   summary = f", test accuracy {test['accuracy']:.2%}" if "accuracy" in test else ""
-  print(f"{workdir} is already trained: {config.epochs} epochs, step {card['step']}{summary}. "
-        f"Nothing to do; pass a larger --epochs to train longer.")
+  print(f"{workdir} is already trained: {card['epoch']:g} epochs, step {card['step']}{summary}. "
+        f"Nothing to do; pass --epochs above {card['epoch']:g} to train longer.")
   return state
 
 
@@ -393,6 +410,9 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
                               f"with: flaxzoo train --workdir {workdir}", stop.signum)
 
   first_epoch = step // steps_per_epoch
+  # A run resumed mid-epoch: that epoch's records already logged count in its printed summary.
+  logged_before = [r for r in run.metrics_log.records()
+                   if r["split"] == "train" and r["epoch"] == first_epoch + 1 and r["step"] <= step]
   for epoch in range(first_epoch, config.epochs):
     start_batch = step - epoch * steps_per_epoch
     epoch_metrics = []
@@ -431,7 +451,7 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
     save_checkpoint()
     draw_curves(run)
     trained = (steps_per_epoch - start_batch) * config.batch_size
-    summary = mean_metrics(epoch_metrics) if epoch_metrics else {"loss": np.nan, "accuracy": np.nan}
+    summary = epoch_summary(logged_before if epoch == first_epoch else [], epoch_metrics)
     print(f"epoch {epoch + 1}/{config.epochs}  step {step}  "
           f"train loss {summary['loss']:.4f} acc {summary['accuracy']:.2%}  "
           f"test loss {test['loss']:.4f} acc {test['accuracy']:.2%}  "
