@@ -116,6 +116,30 @@ def test_sigkill_at_any_point_resumes_bit_for_bit(tmp_path, mnist_data_dir, unin
   assert_tensorboard_equals_metrics(uninterrupted)
 
 
+RUN_KINDS = {
+    "resnet-batchnorm": ["--model", "resnet", "--set", 'model_kwargs={"widths": [4, 8, 8]}'],
+    "vit-dropout-shift": ["--model", "vit_tiny", "--set", "augment=shift", "--set",
+                          'model_kwargs={"stem_widths": [4, 8, 8], "dim": 16, "depth": 1, "heads": 2, '
+                          '"mlp_dim": 16, "dropout": 0.1}'],
+    "bfloat16": ["--dtype", "bfloat16"],
+    "finetune-frozen-backbone": ["--set", "freeze=backbone", "--set", "head_learning_rate=0.01"],
+}
+
+
+@pytest.mark.parametrize("kind", RUN_KINDS)
+def test_every_kind_of_run_resumes_bit_for_bit_after_sigkill(kind, tmp_path, mnist_data_dir, uninterrupted):
+  extra = list(RUN_KINDS[kind])
+  if kind.startswith("finetune"):  # from the uninterrupted ConvNet run's last checkpoint
+    extra += ["--set", f"init_from={uninterrupted}", "--set", "init_step=30"]
+  reference, workdir = tmp_path / "reference", tmp_path / "killed"
+  assert attempt(reference, mnist_data_dir, extra=extra).returncode == 0
+  result = attempt(workdir, mnist_data_dir, "--kill-at-step", 6, extra=extra)  # mid-epoch
+  assert result.returncode == -signal.SIGKILL, result.stderr
+  result = attempt(workdir, mnist_data_dir, extra=extra)
+  assert result.returncode == 0 and "from step 4" in result.stderr, result.stderr
+  assert_same_run(workdir, reference)
+
+
 def start(workdir, data_dir, *hooks):
   command = [sys.executable, str(ROOT / "tests" / "fault_child.py"), *map(str, hooks), "--",
              *map(str, train_args(workdir, data_dir))]
