@@ -30,6 +30,7 @@ def main() -> int:
                       help="sleep --pause-seconds before running this step (a run still going)")
   parser.add_argument("--pause-seconds", type=float, default=15.0)
   parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "INT"])
+  parser.add_argument("--twice", action="store_true", help="send the signal twice in a row")
   parser.add_argument("--file-size-limit", type=int,
                       help="RLIMIT_FSIZE: writes past this many bytes fail like a full disk")
   parser.add_argument("train_args", nargs=argparse.REMAINDER)
@@ -38,6 +39,9 @@ def main() -> int:
 
   def kill_self():
     os.kill(os.getpid(), signum)
+    if args.twice:
+      time.sleep(0.05)  # the first one's handler has run
+      os.kill(os.getpid(), signum)
 
   if args.file_size_limit:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead

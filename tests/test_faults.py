@@ -140,6 +140,16 @@ def test_every_kind_of_run_resumes_bit_for_bit_after_sigkill(kind, tmp_path, mni
   assert_same_run(workdir, reference)
 
 
+@pytest.mark.parametrize("name,status", [("INT", 130), ("TERM", 143)])
+def test_a_second_signal_stops_at_once_with_the_signal_status(tmp_path, mnist_data_dir, name, status):
+  workdir = tmp_path / "twice"
+  result = attempt(workdir, mnist_data_dir, "--kill-at-step", 13, "--signal", name, "--twice")
+  assert result.returncode == status, result.stderr
+  assert f"stopped at once by a second SIG{name}" in result.stderr and "Traceback" not in result.stderr
+  assert checkpoint.saved_steps(workdir) and checkpoint.saved_steps(workdir)[-1] <= 12
+  assert attempt(workdir, mnist_data_dir).returncode == 0  # and it resumes
+
+
 def start(workdir, data_dir, *hooks):
   command = [sys.executable, str(ROOT / "tests" / "fault_child.py"), *map(str, hooks), "--",
              *map(str, train_args(workdir, data_dir))]

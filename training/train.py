@@ -82,7 +82,8 @@ def _record_step(line: str) -> int | None:
 class StopRequests:
   """While active, SIGINT and SIGTERM only set `signum`; the loop stops at the end of the step.
 
-  A second signal stops at once (KeyboardInterrupt): the checkpoints already committed stay.
+  A second signal stops the process at once, exit status 128 + signal: the checkpoints already
+  committed stay.
   """
 
   def __init__(self):
@@ -91,7 +92,12 @@ class StopRequests:
 
   def _handle(self, signum, frame):
     if self.signum is not None:
-      raise KeyboardInterrupt
+      # Exiting here, not raising into whatever code runs (orbax's waits turned that into other
+      # errors): what is committed stays, as after a kill -9, and the status is the signal's.
+      print(f"flaxzoo: stopped at once by a second {signal.Signals(signum).name}; the committed "
+            f"checkpoints are kept. Resume with the same command", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(128 + signum)
     self.signum = signum
 
   def __enter__(self):
