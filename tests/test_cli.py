@@ -333,3 +333,31 @@ def test_predict_arrays_takes_uint8_or_unit_floats_only(tmp_path):
   with pytest.raises(data.DataError, match="got int64"):
     training.predict_arrays(model, variables, pixels.astype(np.int64))
   assert training.predict_arrays(model, variables, pixels[:0]).shape == (0, 10)
+
+
+def test_a_foreign_orbax_step_is_skipped_in_one_line_and_never_deleted(tmp_path, capsys):
+  import orbax.checkpoint as ocp
+
+  from flaxzoo.training import checkpoint
+  workdir = tmp_path / "run"
+  with ocp.CheckpointManager(workdir) as manager:  # another program's save, older than ours
+    manager.save(1, args=ocp.args.StandardSave({"x": np.ones(3)}))
+  state = write_checkpoint(workdir, steps=2)
+  with ocp.CheckpointManager(workdir) as manager:  # and one newer
+    manager.save(5, args=ocp.args.StandardSave({"x": np.ones(3)}))
+  capsys.readouterr()
+  _, _, card = checkpoint.load_checkpoint(workdir)
+  assert card["step"] == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "checkpoint" in err and "/5 is unreadable: not a flaxzoo checkpoint" in err
+  with checkpoint.open_manager(workdir) as manager:
+    with pytest.raises(checkpoint.CheckpointError, match="step 3 was not saved: .* already holds step 5"):
+      checkpoint.save(manager, state.replace(step=3), {**card, "step": 3}, keep=2)
+  # Training's resume moves it (kept, in WORKDIR/unreadable/) so that its own steps can be saved.
+  checkpoint.set_aside(workdir, checkpoint.restore_latest(workdir, state)[2])
+  assert (workdir / "unreadable" / "5" / "default").is_dir()
+  with checkpoint.open_manager(workdir) as manager:
+    for step in (3, 4, 6):
+      checkpoint.save(manager, state.replace(step=step), {**card, "step": step}, keep=2)
+    checkpoint.wait(manager, 2)
+  assert checkpoint.saved_steps(workdir) == [1, 4, 6]  # ours: the newest two; theirs: never deleted

@@ -14,6 +14,7 @@ tensorstore arrays, the card JSON.
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import hashlib
 import importlib.metadata
@@ -45,6 +46,12 @@ class UnreadableCheckpoint(CheckpointError):
 
 
 UNREADABLE_DIR = "unreadable"  # where training moves unreadable steps (never deletes them)
+ITEM_NAMES = ("state", "card")  # what each flaxzoo step folder holds
+
+
+def is_flaxzoo_step(workdir, step: int) -> bool:
+  """Whether a step folder holds a flaxzoo checkpoint (a card), not some other orbax save."""
+  return (Path(workdir) / str(step) / "card").is_dir()
 
 
 def open_manager(workdir, read_only: bool = False) -> ocp.CheckpointManager:
@@ -53,10 +60,14 @@ def open_manager(workdir, read_only: bool = False) -> ocp.CheckpointManager:
       max_to_keep=None, enable_async_checkpointing=not read_only, create=not read_only,
       read_only=read_only, save_interval_steps=0 if read_only else 1,
       cleanup_tmp_directories=not read_only)  # leftovers of killed saves
+  # Named items: without them orbax infers single-item mode from the newest step, and one foreign
+  # (not flaxzoo) checkpoint there made every flaxzoo step unreadable.
+  manager = functools.partial(ocp.CheckpointManager, Path(workdir).absolute(), options=options,
+                              item_names=ITEM_NAMES)
   if not read_only:
-    return ocp.CheckpointManager(Path(workdir).absolute(), options=options)
+    return manager()
   with _absl_quiet():  # orbax warns "Given directory is read only" on every read-only open
-    return ocp.CheckpointManager(Path(workdir).absolute(), options=options)
+    return manager()
 
 
 @contextlib.contextmanager
@@ -134,8 +145,11 @@ def save(manager: ocp.CheckpointManager, state: TrainState, card: dict, keep: in
   card = dict(card, fingerprints=state_fingerprints(state))
   with _save_errors(manager, step):
     wait(manager, keep)
-    manager.save(step, args=ocp.args.Composite(
+    saved = manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), card=ocp.args.JsonSave(card)))
+  if not saved:  # orbax skips, without an error, a step at or below the newest it holds
+    raise CheckpointError(f"step {step} was not saved: {manager.directory} already holds step "
+                          f"{manager.latest_step()}; move that step folder away or use another --workdir")
 
 
 def wait(manager: ocp.CheckpointManager, keep: int | None = None) -> None:
@@ -144,7 +158,8 @@ def wait(manager: ocp.CheckpointManager, keep: int | None = None) -> None:
   with _save_errors(manager, manager.latest_step()):  # the step in flight, if one is
     manager.wait_until_finished()
     manager.check_for_errors()
-    for old in sorted(manager.all_steps())[:-keep] if keep else []:
+    ours = [s for s in sorted(manager.all_steps()) if is_flaxzoo_step(manager.directory, s)]
+    for old in ours[:-keep] if keep else []:  # another program's checkpoints are never deleted
       manager.delete(old)
 
 
@@ -194,7 +209,7 @@ def check_free_space(workdir, state: TrainState, keep: int) -> None:
   disk at once (one being written), and those already committed count among them. Orbax's
   temporary folders of an interrupted save count as free: they are removed when training starts."""
   size = sum(x.nbytes for x in jax.tree.leaves(state))  # no host copy
-  committed = len(saved_steps(workdir)) if Path(workdir).exists() else 0
+  committed = len([s for s in saved_steps(workdir) if is_flaxzoo_step(workdir, s)])
   new = keep + 1 - min(committed, keep)
   needed = new * size + (1 << 20)
   leftovers = sum(f.stat().st_size for tmp in Path(workdir).glob(f"*{TMP_MARK}*")
@@ -207,6 +222,9 @@ def check_free_space(workdir, state: TrainState, keep: int) -> None:
 
 
 def _read_card(manager, workdir, step: int) -> dict:
+  if not is_flaxzoo_step(workdir, step):
+    raise UnreadableCheckpoint(workdir, step, "not a flaxzoo checkpoint (it has no card); it is "
+                               "left as it is")
   try:
     card = manager.restore(step, args=ocp.args.Composite(card=ocp.args.JsonRestore())).card
   except Exception as e:
@@ -306,7 +324,7 @@ def read_card(workdir, step: int | None = None, quiet: bool = True) -> dict:
 
 def set_aside(workdir, skipped: list[UnreadableCheckpoint]) -> None:
   """Moves unreadable steps into WORKDIR/unreadable/ so training can save those steps again."""
-  for error in skipped:
+  for error in skipped:  # another program's checkpoint too: orbax saves no step below one it has
     target = Path(workdir) / UNREADABLE_DIR / str(error.step)
     if target.exists():
       target = target.with_name(f"{error.step}-{datetime.datetime.now():%Y%m%dT%H%M%S%f}")
