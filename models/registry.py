@@ -58,7 +58,45 @@ def create_model(name: str, num_classes: int = 10, **kwargs):
     raise TypeError(f"model {name!r} got unknown argument(s) {', '.join(unknown)}; "
                     f"valid arguments: {', '.join(valid)}")
   kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  check_arguments(name, cls, kwargs)
   return cls(num_classes=num_classes, **kwargs)
+
+
+class ModelArgumentError(TypeError):
+  """A model argument of the wrong type or out of range; the message is one line."""
+
+
+def _argument_rule(default):
+  """(check, requirement) for an argument from its default's type."""
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+  if isinstance(default, tuple):
+    return (lambda v: isinstance(v, tuple) and len(v) > 0 and all(is_int(x) and x >= 1 for x in v),
+            "a non-empty list of positive integers")
+  if isinstance(default, bool):
+    return (lambda v: isinstance(v, bool)), "true or false"
+  if isinstance(default, int):
+    return (lambda v: is_int(v) and v >= 1), "a positive integer"
+  if isinstance(default, float):
+    return (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+            "a number in [0, 1)")
+  if isinstance(default, str):
+    return (lambda v: isinstance(v, str)), "a string"
+  return (lambda v: True), ""
+
+
+def check_arguments(name: str, cls, kwargs: dict) -> None:
+  """Types and ranges of a model's arguments, by their defaults' types, then the model's own
+  `check_arguments(values)` (rules between arguments); raises ModelArgumentError in one line."""
+  defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init}
+  for key, value in kwargs.items():
+    check, requirement = _argument_rule(defaults.get(key))
+    if not check(value):
+      shown = list(value) if isinstance(value, tuple) else value  # as the user wrote it (JSON)
+      raise ModelArgumentError(f"model {name!r}: {key} must be {requirement}, got {shown!r}")
+  own = getattr(cls, "check_arguments", None)
+  problem = own({**defaults, **kwargs}) if own else None
+  if problem:
+    raise ModelArgumentError(f"model {name!r}: {problem}")
 
 
 def model_description(name: str) -> str:

@@ -35,10 +35,17 @@ class ResNet(nn.Module):
   depth: int = 8  # 6n + 2: 8, 14, 20, 32, 44, 56, 110
   widths: Sequence[int] = (8, 16, 32)  # one per stage; stages after the first halve the resolution
 
+  @staticmethod
+  def check_arguments(values: dict) -> str | None:
+    if values["depth"] < 8 or (values["depth"] - 2) % 6:
+      return f"depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, ...), got {values['depth']}"
+    return None
+
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-    if self.depth < 8 or (self.depth - 2) % 6:
-      raise ValueError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {self.depth}")
+    problem = self.check_arguments({"depth": self.depth})  # also for a directly built ResNet
+    if problem:
+      raise ValueError(f"resnet {problem}")
     blocks_per_stage = (self.depth - 2) // 6
     # nn.Conv, not layers.Conv: with BatchNorm after it, XLA fuses the matrix-product form
     # differently and ResNet's training would no longer repeat its published runs bit for bit.

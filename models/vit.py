@@ -44,6 +44,14 @@ class ViTTiny(nn.Module):
   mlp_dim: int = 128
   dropout: float = 0.1
 
+  @staticmethod
+  def check_arguments(values: dict) -> str | None:
+    if values["stem"] not in ("conv", "patch"):
+      return f"stem must be conv or patch, got {values['stem']!r}"
+    if values["dim"] % values["heads"]:
+      return f"dim ({values['dim']}) must be a multiple of heads ({values['heads']})"
+    return None
+
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     if self.stem == "conv":  # "early convolutions help transformers see better" (Xiao et al., 2021)

@@ -273,15 +273,26 @@ def test_not_enough_disk_space_is_refused_before_training(tmp_path, mnist_data_d
   assert not (tmp_path / "w").exists()  # the refused run leaves no empty workdir
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ('{"widths": 8}', "TypeError"),
-    ('{"hidden": 0}', "ZeroDivisionError"),
-    ('{"widths": [8, 8, 8, 8, 8, 8]}', "for 28x28x1 images"),
+@pytest.mark.parametrize("model, kwargs, fragment", [
+    ("convnet", '{"widths": 8}', "model 'convnet': widths must be a non-empty list of positive integers, got 8"),
+    ("convnet", '{"widths": [8, -1]}', "got [8, -1]"),
+    ("convnet", '{"hidden": 0}', "model 'convnet': hidden must be a positive integer, got 0"),
+    ("resnet", '{"depth": 9}', "model 'resnet': depth must be 6n + 2"),
+    ("vit_tiny", '{"dim": 10}', "model 'vit_tiny': dim (10) must be a multiple of heads (4)"),
+    ("vit_tiny", '{"dropout": 1.5}', "dropout must be a number in [0, 1), got 1.5"),
+    ("vit_tiny", '{"stem": "big"}', "stem must be conv or patch"),
 ])
-def test_model_arguments_it_cannot_be_built_with(tmp_path, mnist_data_dir, capsys, kwargs, fragment):
+def test_model_arguments_are_checked_before_any_data(tmp_path, capsys, model, kwargs, fragment):
+  result = run_main(capsys, "train", "--workdir", tmp_path / "w", "--model", model,
+                    "--set", f"model_kwargs={kwargs}")
+  assert_one_clear_error(result, fragment)
+  assert not (tmp_path / "w").exists()
+
+
+def test_model_arguments_too_big_for_the_images(tmp_path, mnist_data_dir, capsys):
   result = run_main(capsys, "train", "--workdir", tmp_path / "w", "--data-dir", mnist_data_dir,
-                    "--set", "train_examples=256", "--set", f"model_kwargs={kwargs}")
-  assert_one_clear_error(result, "model 'convnet' cannot be built with model_kwargs", fragment)
+                    "--set", "train_examples=256", "--set", 'model_kwargs={"widths": [8, 8, 8, 8, 8, 8]}')
+  assert_one_clear_error(result, "model 'convnet' cannot be built with model_kwargs", "for 28x28x1 images")
   assert not (tmp_path / "w").exists()
 
 

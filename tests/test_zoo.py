@@ -132,9 +132,10 @@ def test_dtype_is_checked_and_recorded_in_the_card():
 def test_create_model_lists_valid_arguments():
   with pytest.raises(TypeError, match="valid arguments: num_classes, depth, widths"):
     models.create_model("resnet", blocks=3)
-  with pytest.raises(ValueError, match="6n\\+2"):
-    model = models.create_model("resnet", depth=10)
-    model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  with pytest.raises(models.registry.ModelArgumentError, match="depth must be 6n \\+ 2"):
+    models.create_model("resnet", depth=10)
+  with pytest.raises(ValueError, match="depth must be 6n \\+ 2"):  # a ResNet built directly
+    models.ResNet(depth=10).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
 
 
 def test_every_run_draws_its_training_curves(tmp_path, mnist_data_dir):
