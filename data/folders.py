@@ -165,3 +165,15 @@ def folder_changes(recorded: dict, now: dict) -> dict:
   return {split: {"new": len(set(now[split]) - set(recorded.get(split, []))),
                   "gone": len(set(recorded.get(split, [])) - set(now[split]))}
           for split in now}
+
+
+def check_moved_folder(recorded: str, new: str, class_names) -> None:
+  """Raises DataError unless `new` is an image folder holding the classes `class_names` that the
+  folder `recorded` held (the same data, moved)."""
+  if not (is_folder_dataset(recorded) and is_folder_dataset(new)):
+    raise DataError(f"--dataset {new} differs from the checkpoint's {recorded}; only an image folder "
+                    f"that has moved can be given anew (folder:NEWPATH)")
+  found = list_folder(folder_path(new))["class_names"]
+  if list(found) != list(class_names):
+    raise DataError(f"{new} has classes {', '.join(found)}; the checkpoint was trained on "
+                    f"{', '.join(class_names)}: give the folder it was trained on, moved")

@@ -379,3 +379,35 @@ def test_eval_on_a_folder_that_changed_says_what_changed(source, digit_folder, t
   result = run_main(capsys, "eval", "--workdir", workdir, "--json")
   assert result.returncode == 0, result.stderr
   assert "changed since training: its test split has 2 new and 1 gone files" in result.stderr
+
+
+def test_a_moved_image_folder_is_followed_by_eval_and_train(digit_folder, tmp_path, capsys):
+  import shutil
+  old, new = tmp_path / "old" / "digits", tmp_path / "new" / "digits"
+  shutil.copytree(digit_folder, old)
+  workdir = tmp_path / "run"
+  config = Config(dataset=f"folder:{old}", model_kwargs=TINY, epochs=1, batch_size=20)
+  training.train_and_evaluate(config, workdir)
+  before = training.evaluate_checkpoint(workdir, save=False)
+  shutil.move(old, new)
+
+  result = run_main(capsys, "eval", "--workdir", workdir, "--json")
+  assert result.returncode == 2 and "does not exist" in result.stderr
+  result = run_main(capsys, "eval", "--workdir", workdir, "--dataset", f"folder:{new}", "--json")
+  assert result.returncode == 0, result.stderr
+  after = json.loads(result.stdout.splitlines()[-1])
+  assert after["accuracy"] == before["accuracy"] and after["dataset"] == f"folder:{new}"
+
+  result = run_main(capsys, "train", "--workdir", workdir, "--dataset", f"folder:{new}", "--epochs", "2")
+  assert result.returncode == 0, result.stderr
+  assert f"continuing with folder:{new}" in result.stderr
+  card = checkpoint.read_card(workdir)
+  assert card["config"]["dataset"] == f"folder:{new}"
+  assert card["dataset_moves"] == [{"from": f"folder:{old}", "to": f"folder:{new}", "step": 3}]
+
+  other = tmp_path / "other"
+  shutil.copytree(new, other)
+  shutil.rmtree(other / "train" / "one")
+  shutil.rmtree(other / "test" / "one")
+  result = run_main(capsys, "eval", "--workdir", workdir, "--dataset", f"folder:{other}")
+  assert result.returncode == 2 and "the checkpoint was trained on" in result.stderr

@@ -139,7 +139,8 @@ def cmd_export(args) -> int:
 
 def cmd_eval(args) -> int:
   from flaxzoo.training.inference import evaluate_checkpoint
-  result = evaluate_checkpoint(args.workdir, args.split, args.step, args.data_dir, args.manual_dir)
+  result = evaluate_checkpoint(args.workdir, args.split, args.step, args.data_dir, args.manual_dir,
+                               dataset=args.dataset)
   print(f"{args.workdir} step {result['step']}: {result['dataset']} {args.split} accuracy "
         f"{result['accuracy']:.2%}, macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f} "
         f"on {result['num_examples']} examples")
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("eval", help="evaluate a checkpoint in a new process")
   p.add_argument("--workdir", required=True)
+  p.add_argument("--dataset", metavar="folder:NEWPATH", help="the image folder it was trained on, "
+                 "moved (the same classes)")
   p.add_argument("--split", default="test")
   p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
   p.add_argument("--manual-dir")

@@ -118,7 +118,7 @@ def save_saliency(model, variables, images, paths) -> list[str]:
 
 def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
                         data_dir: str | None = None, manual_dir: str | None = None,
-                        save: bool = True) -> dict:
+                        save: bool = True, dataset: str | None = None) -> dict:
   """Accuracy, loss, macro-F1, per-class accuracy and confusion matrix of a checkpoint on its own
   dataset's `split` (the examples and input conversion it was trained with).
 
@@ -126,6 +126,10 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
   paths are in the result's "files" (a folder that cannot be written to only gets a warning).
   """
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
+  if dataset:  # the image folder it was trained on, moved: the same classes at a new path
+    dataset = data.canonical_name(dataset)
+    folders.check_moved_folder(card["dataset"]["name"], dataset, card["dataset"]["class_names"])
+    card = {**card, "dataset": {**card["dataset"], "name": dataset}}
   images, labels = checkpoint_split(card, split, data_dir, manual_dir, workdir=workdir)
   result = evaluate(model, variables, images, labels, card["config"].get("eval_batch_size", 1000),
                     card["dataset"]["class_names"])

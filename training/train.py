@@ -184,12 +184,15 @@ class Run:
   lineage: dict | None  # where a fine-tune's weights came from (in every card it writes)
   learning_rate: Any  # step -> the (backbone's) learning rate, for the logs
   profiler: StepProfiler
+  dataset_moves: list = dataclasses.field(default_factory=list)  # an image folder's moves, in order
 
   def card(self, step: int, metrics: dict) -> dict:
     card = checkpoint.make_card(self.model, self.config, self.info, step,
                                 step / self.steps_per_epoch, metrics)
     if self.lineage:
       card["lineage"] = self.lineage
+    if self.dataset_moves:
+      card["dataset_moves"] = self.dataset_moves
     return card
 
 
@@ -218,8 +221,17 @@ def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
   if config.init_from and not resume_card:  # a fine-tune's source must be readable: fail early
     config = source_step_on_disk(config)
     checkpoint.read_card(config.init_from, config.init_step)
+  dataset_moves = list(resume_card.get("dataset_moves", [])) if resume_card else []
   if resume_card:
-    check_resumable(resume_card, config, workdir)
+    saved_dataset = resume_card["config"]["dataset"]
+    if config.dataset != saved_dataset and all(map(data.folders.is_folder_dataset, (config.dataset, saved_dataset))):
+      # An image folder that moved: the same classes at a new path continue the run (recorded).
+      data.folders.check_moved_folder(saved_dataset, config.dataset, resume_card["dataset"]["class_names"])
+      dataset_moves.append({"from": saved_dataset, "to": config.dataset, "step": resume_card["step"]})
+      print(f"flaxzoo: note: continuing with {config.dataset} (trained so far on {saved_dataset}, "
+            f"the same classes)", file=sys.stderr)
+    check_resumable(resume_card, dataclasses.replace(config, dataset=saved_dataset)
+                    if dataset_moves and dataset_moves[-1]["to"] == config.dataset else config, workdir)
     num_train = resume_card["dataset"]["num_examples"]["train"]
     if config.train_examples:
       num_train = min(num_train, config.train_examples)
@@ -273,7 +285,7 @@ def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
   manager = checkpoint.open_manager(workdir)
   run = Run(config, workdir, model, info, steps_per_epoch, manager, metrics_log, lineage,
             learning_rate_schedule(config, total_steps),
-            StepProfiler(config.profile_steps, workdir / "profile"))
+            StepProfiler(config.profile_steps, workdir / "profile"), dataset_moves)
   try:
     with StopRequests() as stop:
       state, latest_metrics = train_epochs(run, state, latest_metrics, pending, last_saved, stop,
