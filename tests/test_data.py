@@ -216,3 +216,19 @@ def test_folder_changes_count_new_and_gone_files():
   now = {"train": ["a/1.png", "a/3.png", "a/4.png"], "test": []}
   assert folders.folder_changes(recorded, now) == {"train": {"new": 2, "gone": 1},
                                                    "test": {"new": 0, "gone": 1}}
+
+
+def test_an_image_too_large_in_a_training_folder_is_one_line(tmp_path):
+  from PIL import Image
+
+  from flaxzoo.data import folders
+  write_pngs(tmp_path / "a", ["1.png", "2.png"])
+  write_pngs(tmp_path / "b", ["1.png"])
+  Image.new("L", (300, 300)).save(tmp_path / "b" / "big.png")
+  limit = Image.MAX_IMAGE_PIXELS
+  try:
+    Image.MAX_IMAGE_PIXELS = 20_000
+    with pytest.raises(data.DataError, match=r"big.png: too large to open .*--max-image-pixels"):
+      folders.load_folder_dataset(f"folder:{tmp_path}")
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
