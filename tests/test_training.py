@@ -132,6 +132,10 @@ def test_more_epochs_continue_a_finished_run(tmp_path, mnist_data_dir, capsys):
   longer = training.train_and_evaluate(small_config(mnist_data_dir, epochs=2), tmp_path)
   assert int(longer.step) == 20
   assert [r["step"] for r in read_metrics(tmp_path) if r["split"] == "test"] == [10, 20]
+  capsys.readouterr()
+  training.train_and_evaluate(small_config(mnist_data_dir, epochs=1), tmp_path)  # asks for fewer
+  out = capsys.readouterr().out
+  assert "already trained: 2 epochs, step 20" in out and "pass --epochs above 2" in out
 
 
 @pytest.mark.parametrize("overrides,message", [
