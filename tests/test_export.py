@@ -39,6 +39,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # real MNIST runs (requested by name below, so not marked by conftest)
 @pytest.mark.parametrize("run", ["tiny_mnist_run", "tiny_resnet_run"])
 def test_every_format_exports_checks_and_loads_in_a_fresh_process(run, request, tmp_path):
   workdir = request.getfixturevalue(run)
