@@ -122,6 +122,7 @@ RUN_KINDS = {
                           'model_kwargs={"stem_widths": [4, 8, 8], "dim": 16, "depth": 1, "heads": 2, '
                           '"mlp_dim": 16, "dropout": 0.1}'],
     "bfloat16": ["--dtype", "bfloat16"],
+    "sgd-cosine-label-smoothing": ["--optimizer", "sgd", "--schedule", "cosine", "--label-smoothing", "0.1"],
     "finetune-frozen-backbone": ["--set", "freeze=backbone", "--set", "head_learning_rate=0.01"],
 }
 

@@ -217,6 +217,12 @@ def _training_flags() -> argparse.ArgumentParser:
                       help="also save a checkpoint every K steps (default: at epoch ends only)")
   parent.add_argument("--dtype", choices=("float32", "bfloat16"),
                       help="training compute dtype (parameters and optimizer state stay float32)")
+  parent.add_argument("--optimizer", choices=("adamw", "sgd"), help="adamw (default) or sgd "
+                      "(Nesterov momentum 0.9)")
+  parent.add_argument("--schedule", choices=("onecycle", "cosine", "linear", "step", "constant"),
+                      help="learning-rate schedule (default onecycle; the others warm up first)")
+  parent.add_argument("--label-smoothing", type=float, metavar="E", help="label smoothing of the "
+                      "training loss (default 0)")
   parent.add_argument("--log-every-steps", type=int, metavar="K", help="a train record in "
                       "metrics.jsonl and TensorBoard every K steps (default 100; and at epoch ends)")
   parent.add_argument("--profile-steps", metavar="A:B", help="write a jax.profiler trace of train "

@@ -24,6 +24,9 @@ class Config:
   learning_rate: float = 1e-2  # peak of the one-cycle schedule
   warmup_fraction: float = 0.2  # share of all steps spent rising to the peak
   weight_decay: float = 0.0  # decoupled (AdamW) weight decay
+  optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9)
+  schedule: str = "onecycle"  # onecycle (warm-up, cosine decay) | cosine | linear | step | constant
+  label_smoothing: float = 0.0  # of the training loss (optax.smooth_labels)
   seed: int = 0
   train_examples: int = 0  # > 0: train on the first N training examples only (quick runs, tests)
   test_examples: int = 0  # > 0: evaluate on the first N test examples only
@@ -50,16 +53,19 @@ class Config:
   config_file: str | None = None  # the --config file these settings started from (configs/*.toml)
 
 
+SCHEDULES = ("onecycle", "cosine", "linear", "step", "constant")
+
 # Fields that `flaxzoo train`/`finetune` also take as a flag (--batch-size ...); the others only
 # through --set KEY=VALUE or a config file.
 FIELDS_WITH_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
                      "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype",
-                     "head", "profile_steps", "log_every_steps")
+                     "head", "profile_steps", "log_every_steps", "optimizer", "schedule",
+                     "label_smoothing")
 
 # Fields that must match for a checkpoint to continue the same run.
 RUN_IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "batch_size", "seed", "train_examples",
                        "init_from", "init_step", "freeze", "head", "class_map", "input_shape",
-                       "test_fraction")
+                       "test_fraction", "optimizer")
 
 
 def _field_types() -> dict[str, type]:
@@ -125,6 +131,9 @@ def validate(config: Config) -> None:
           isinstance(k, str) and isinstance(v, str) for k, v in config.class_map.items()),
        "a JSON object of class names, {\"new name\": \"checkpoint name\"}"),
       ("augment", config.augment in ("none", "shift"), "none or shift"),
+      ("optimizer", config.optimizer in ("adamw", "sgd"), "adamw or sgd"),
+      ("schedule", config.schedule in SCHEDULES, " or ".join(SCHEDULES)),
+      ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
       ("profile_steps", profile_window(config.profile_steps, check=False) is not None
        or not config.profile_steps, "A:B with 1 <= A <= B (train steps as numbered in metrics.jsonl), "
        "e.g. 10:20"),

@@ -53,6 +53,9 @@ def _passes_for(jitted, model, treedef, specs, batch: int) -> int:
   return int(max(1, min(batch, -(-temp // EVAL_TEMP_BYTES))))
 
 
+TOP_K = 5
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
 def eval_step(model: nn.Module, variables, images, labels, mask, passes: int = 1):
   """Sums over one (padded) batch: loss, correct predictions, real examples, and the confusion
@@ -62,10 +65,14 @@ def eval_step(model: nn.Module, variables, images, labels, mask, passes: int = 1
   num_classes = logits.shape[-1]
   confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, predictions].add(
       mask.astype(jnp.int32))
-  return {"loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
+  sums = {"loss_sum": jnp.sum(cross_entropy(logits, labels) * mask),
           "correct": jnp.sum((predictions == labels) * mask),
           "count": jnp.sum(mask),
           "confusion": confusion}
+  if num_classes > TOP_K:  # top-5 accuracy, where it differs from 100 %
+    top = jax.lax.top_k(logits, TOP_K)[1]
+    sums["top5_correct"] = jnp.sum(jnp.any(top == labels[:, None], axis=-1) * mask)
+  return sums
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
@@ -93,6 +100,8 @@ def evaluate(model, variables, images, labels, batch_size: int, class_names=None
             "accuracy": float(totals["correct"] / totals["count"]),
             "macro_f1": report["macro_f1"],
             "num_examples": int(totals["count"])}
+  if "top5_correct" in totals:
+    result["top5_accuracy"] = float(totals["top5_correct"] / totals["count"])
   if class_names:
     result.update((k, report[k]) for k in ("per_class_accuracy", "per_class", "class_names",
                                            "confusion_matrix"))

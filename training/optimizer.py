@@ -1,5 +1,5 @@
-"""The optimizer: AdamW on a one-cycle schedule, with parameter groups for fine-tuning (frozen
-parameters, a head learning rate)."""
+"""The optimizer: AdamW (or SGD with Nesterov momentum) on a one-cycle or other optax schedule,
+with parameter groups for fine-tuning (frozen parameters, a head learning rate)."""
 
 import fnmatch
 import functools
@@ -50,23 +50,42 @@ def param_groups(params, freeze: str):
 
 
 def learning_rate_schedule(config: Config, total_steps: int, peak: float | None = None):
-  """The one-cycle schedule: step -> learning rate, peaking at `peak` (default the config's)."""
-  return optax.cosine_onecycle_schedule(
-      transition_steps=max(total_steps, 1), peak_value=peak or config.learning_rate,
-      pct_start=config.warmup_fraction)
+  """Step -> learning rate, peaking at `peak` (default the config's), all from optax. Every schedule
+  but `constant` and `onecycle` warms up linearly over `warmup_fraction` of the steps first.
+
+  onecycle: cosine up then cosine down (optax's one-cycle); cosine: warm-up, cosine decay to 0;
+  linear: warm-up, linear decay to 0; step: warm-up, then x0.1 at 50 % and 75 % of the steps.
+  """
+  peak = peak or config.learning_rate
+  total = max(total_steps, 1)
+  warmup = int(config.warmup_fraction * total)
+  if config.schedule == "onecycle":
+    return optax.cosine_onecycle_schedule(transition_steps=total, peak_value=peak,
+                                          pct_start=config.warmup_fraction)
+  if config.schedule == "constant":
+    return optax.constant_schedule(peak)
+  rest = max(total - warmup, 1)
+  decay = {"cosine": lambda: optax.cosine_decay_schedule(peak, rest),
+           "linear": lambda: optax.linear_schedule(peak, 0.0, rest),
+           "step": lambda: optax.piecewise_constant_schedule(
+               peak, {int(0.5 * total) - warmup: 0.1, int(0.75 * total) - warmup: 0.1})}[config.schedule]()
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
 def create_optimizer(config: Config, total_steps: int) -> optax.GradientTransformation:
   """AdamW on a one-cycle schedule. With frozen parameters or a head learning rate, parameter
   groups: frozen ones get zero updates (so they stay bitwise unchanged), the head its own peak."""
-  def adamw(peak):
-    return optax.adamw(learning_rate_schedule(config, total_steps, peak),
-                       weight_decay=config.weight_decay)
+  def optimizer(peak):
+    schedule = learning_rate_schedule(config, total_steps, peak)
+    if config.optimizer == "sgd":  # weight decay added to the gradient (L2), Nesterov momentum 0.9
+      return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                         optax.sgd(schedule, momentum=0.9, nesterov=True))
+    return optax.adamw(schedule, weight_decay=config.weight_decay)
 
   if config.freeze == "none" and config.head_learning_rate is None:
-    return adamw(config.learning_rate)
+    return optimizer(config.learning_rate)
   head_peak = config.head_learning_rate or config.learning_rate
   return optax.multi_transform(
-      {"backbone": adamw(config.learning_rate), "head": adamw(head_peak),
+      {"backbone": optimizer(config.learning_rate), "head": optimizer(head_peak),
        "frozen": optax.set_to_zero()},
       functools.partial(param_groups, freeze=config.freeze))

@@ -24,6 +24,7 @@ class TrainState(train_state.TrainState):
   # master parameters; the optimizer state and updates stay float32.
   compute_dtype: str = struct.field(pytree_node=False, default="float32")
   augment: str = struct.field(pytree_node=False, default="none")  # see `augment.augment_images`
+  label_smoothing: float = struct.field(pytree_node=False, default=0.0)  # of the training loss
 
   def variables(self) -> dict:
     return model_variables(self.params, self.batch_stats)
@@ -47,5 +48,5 @@ def create_train_state(model: nn.Module, config: Config, input_shape, total_step
   state = TrainState.create(
       apply_fn=model.apply, params=variables["params"], tx=create_optimizer(config, total_steps),
       batch_stats=variables.get("batch_stats", {}), rng=train_key, compute_dtype=config.dtype,
-      augment=config.augment)
+      augment=config.augment, label_smoothing=config.label_smoothing)
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, like every other saved leaf

@@ -17,8 +17,13 @@ def to_model_input(images: jnp.ndarray) -> jnp.ndarray:
   return images.astype(jnp.float32)
 
 
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+def cross_entropy(logits, labels, label_smoothing: float = 0.0):
+  """Per-example cross-entropy; with `label_smoothing` e, against optax's smoothed targets
+  (1 - e on the label, plus e spread evenly over all classes)."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -41,7 +46,7 @@ def train_step(state: TrainState, images, labels):
                          mutable=["batch_stats"] if has_batch_stats else False)
     logits, updates = out if has_batch_stats else (out, {})
     logits = logits.astype(jnp.float32)
-    return cross_entropy(logits, labels).mean(), (logits, updates)
+    return cross_entropy(logits, labels, state.label_smoothing).mean(), (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads)

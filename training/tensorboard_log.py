@@ -14,7 +14,7 @@ from pathlib import Path
 # The numeric fields of a metrics.jsonl record that become scalars (tag: split/field).
 SCALAR_FIELDS = {
     "train": ("loss", "accuracy", "learning_rate", "img_per_s"),
-    "test": ("loss", "accuracy", "macro_f1"),
+    "test": ("loss", "accuracy", "macro_f1", "top5_accuracy"),
 }
 HPARAM_METRICS = ("test/accuracy", "test/loss", "test/macro_f1")
 
