@@ -176,7 +176,8 @@ def trained_workdir(tmp_path_factory, mnist_data_dir):
 
 
 EVAL_JSON_FIELDS = {"loss", "accuracy", "macro_f1", "num_examples", "per_class_accuracy", "per_class",
-                    "class_names", "confusion_matrix", "step", "split", "dataset", "model", "workdir", "files"}
+                    "class_names", "confusion_matrix", "step", "split", "dataset", "model", "workdir", "files",
+                    "top5_accuracy"}  # top-5: more than 5 classes
 
 
 def test_train_reaches_a_sane_accuracy_and_eval_agrees(trained_workdir, mnist_data_dir):
