@@ -45,6 +45,7 @@ def test_schedules_have_their_shapes():
   assert at("constant", 0) == at("constant", 99) == pytest.approx(0.1)
 
 
+@pytest.mark.slow  # 2 x 2 x 20 steps; the fast tier keeps the unit tests of each option
 @pytest.mark.parametrize("overrides", [dict(optimizer="sgd", schedule="cosine", learning_rate=0.05),
                                        dict(label_smoothing=0.1, schedule="step")])
 def test_options_train_deterministically(overrides):

@@ -127,7 +127,7 @@ SMALL = {"convnet": TINY, "lenet5": {}, "mlp": {"hidden": [32]}, "resnet": {"wid
          "vit_tiny": {"stem_widths": [4, 8, 8], "dim": 16, "depth": 1, "heads": 2, "mlp_dim": 16}}
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in ("convnet", "resnet") else
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name == "convnet" else
                                               pytest.mark.slow) for name in models.list_models()])
 def test_nnx_model_from_a_checkpoint_gives_the_linen_logits(tmp_path, name):
   # A trained step moves BatchNorm's statistics away from their initial values.
