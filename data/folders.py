@@ -35,6 +35,7 @@ def canonical_name(name: str) -> str:
 
 
 IGNORED_NAMES = {"__MACOSX"}  # OS folders that zip tools add; hidden names (".x") are ignored too
+DATASET_FILES = "dataset-files.json"  # in a workdir: an image folder's files at training time
 HOLD_OUT_RULE = "sha256('<path relative to its class folder>') / 2**256 < test_fraction"
 
 

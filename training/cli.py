@@ -127,10 +127,10 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-  from flaxzoo.training.export import export_checkpoint, print_summary
+  from flaxzoo.training.export import default_out, export_checkpoint, print_summary
   card = export_checkpoint(args.workdir, args.format, args.out, args.step, args.force,
                            args.data_dir, args.manual_dir)
-  out = args.out or f"{args.workdir}/export/{args.format}"
+  out = args.out or default_out(args.workdir, args.format)
   print_summary(card, out)
   if args.json:
     print(json.dumps({"out": str(out), **card}))

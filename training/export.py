@@ -15,7 +15,6 @@ import importlib.metadata
 import importlib.util
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -285,4 +284,4 @@ def print_summary(card: dict, out) -> None:
   check = card["check"]
   print(f"Exported {card['model']['name']} (step {card['source']['step']}) as {card['format']} to "
         f"{out}: max |difference| from Flax {check['max_abs_difference']} at batch sizes "
-        f"{check['batches']} (tolerance {check['tolerance']:g})", file=sys.stdout)
+        f"{check['batches']} (tolerance {check['tolerance']:g})")

@@ -151,7 +151,7 @@ def checkpoint_split(card: dict, split: str, data_dir: str | None = None, manual
       card["dataset"]["name"], data_dir or saved.get("data_dir"), manual_dir or saved.get("manual_dir"),
       splits=(split,), limits={split: limit}, image_shape=card["input_shape"],
       test_fraction=saved.get("test_fraction", 0.2))
-  recorded = Path(workdir) / "dataset-files.json" if workdir else None
+  recorded = Path(workdir) / folders.DATASET_FILES if workdir else None
   if dataset.info.files and recorded and recorded.exists():
     changes = folders.folder_changes(json.loads(recorded.read_text()), dataset.info.files)[split]
     if changes["new"] or changes["gone"]:

@@ -34,8 +34,6 @@ from flaxzoo.training.state import TrainState, create_train_state
 from flaxzoo.training.steps import train_step
 from flaxzoo.training.tensorboard_log import TensorBoardLog
 
-DATASET_FILES = "dataset-files.json"  # an image folder's files at training time, per split
-
 
 class MetricsLog:
   """WORKDIR/metrics.jsonl: one JSON object per line; each record also goes to TensorBoard when a
@@ -224,14 +222,15 @@ def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
   dataset_moves = list(resume_card.get("dataset_moves", [])) if resume_card else []
   if resume_card:
     saved_dataset = resume_card["config"]["dataset"]
+    same_run_as = config
     if config.dataset != saved_dataset and all(map(data.folders.is_folder_dataset, (config.dataset, saved_dataset))):
       # An image folder that moved: the same classes at a new path continue the run (recorded).
       data.folders.check_moved_folder(saved_dataset, config.dataset, resume_card["dataset"]["class_names"])
       dataset_moves.append({"from": saved_dataset, "to": config.dataset, "step": resume_card["step"]})
       print(f"flaxzoo: note: continuing with {config.dataset} (trained so far on {saved_dataset}, "
             f"the same classes)", file=sys.stderr)
-    check_resumable(resume_card, dataclasses.replace(config, dataset=saved_dataset)
-                    if dataset_moves and dataset_moves[-1]["to"] == config.dataset else config, workdir)
+      same_run_as = dataclasses.replace(config, dataset=saved_dataset)
+    check_resumable(resume_card, same_run_as, workdir)
     num_train = resume_card["dataset"]["num_examples"]["train"]
     if config.train_examples:
       num_train = min(num_train, config.train_examples)
@@ -276,7 +275,7 @@ def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
   checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
   if info.files and not resume_card:  # what an image folder held, for eval to compare against
     files_json = json.dumps(info.files)
-    replace_atomically(workdir / DATASET_FILES, lambda tmp: tmp.write_text(files_json))
+    replace_atomically(workdir / data.folders.DATASET_FILES, lambda tmp: tmp.write_text(files_json))
   metrics_log = MetricsLog(workdir / "metrics.jsonl")
   metrics_log.drop_after(last_saved or 0)
   resumed_from = last_saved
