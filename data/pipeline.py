@@ -13,11 +13,13 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
   return num_examples // batch_size
 
 
-def train_batches(images, labels, batch_size: int, seed: int, epoch: int, start: int = 0):
-  """Yields (images, labels) for batches `start`, `start+1`, ... of `epoch`."""
+def train_batches(images, labels, batch_size: int, seed: int, epoch: int, start: int = 0,
+                  rows: slice = slice(None)):
+  """Yields (images, labels) for batches `start`, `start+1`, ... of `epoch`; with `rows`, only
+  those rows of each batch (one process's part of a global batch) are read."""
   order = epoch_permutation(seed, epoch, len(images))
   for i in range(start, steps_per_epoch(len(images), batch_size)):
-    idx = np.sort(order[i * batch_size:(i + 1) * batch_size])  # sorted: faster gather, same set
+    idx = np.sort(order[i * batch_size:(i + 1) * batch_size])[rows]  # sorted: faster gather
     yield images[idx], labels[idx]
 
 

@@ -5,8 +5,9 @@ real signal at a chosen moment.
                                 [--pause-at-step N] [--signal KILL|TERM|INT] [--file-size-limit BYTES]
                                 -- TRAIN_ARGS...
 
-The product code is not changed: the hooks wrap the jitted train step and orbax's commit (the
-rename of a finished temporary checkpoint folder) from outside, then run the real CLI.
+The product code is not changed: the hooks wrap the jitted train step (what
+`parallel.sharded_train_step` returns) and orbax's commit (the rename of a finished temporary
+checkpoint folder) from outside, then run the real CLI.
 """
 
 import argparse
@@ -47,15 +48,23 @@ def main() -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (args.file_size_limit, args.file_size_limit))
 
-  from flaxzoo.training import train
   train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
   workdir = Path(train_args[train_args.index("--workdir") + 1])
   TMP = ".orbax-checkpoint-tmp"
-  if args.kill_at_step is not None:
-    real_step = train.train_step
+  from flaxzoo.training import parallel
 
-    def train_step(state, images, labels):
-      if int(state.step) == args.kill_at_step:
+  def wrap_train_step(wrapper):
+    """Routes the loop's jitted train step through `wrapper(real_step, state, images, labels)`."""
+    make_step = parallel.sharded_train_step
+    parallel.sharded_train_step = lambda layout: (
+        lambda state, images, labels: wrapper(make_step(layout), state, images, labels))
+
+  def step_of(state) -> int:
+    return int(parallel.host_value(state.step))
+
+  if args.kill_at_step is not None:
+    def kill_at_step(real_step, state, images, labels):
+      if step_of(state) == args.kill_at_step:
         # Let the asynchronous save in flight commit first, so that which checkpoints exist is
         # deterministic; a kill during a save is what --kill-before-commit is for.
         deadline = time.monotonic() + 60
@@ -63,16 +72,14 @@ def main() -> int:
           time.sleep(0.01)
         kill_self()
       return real_step(state, images, labels)
-    train.train_step = train_step
+    wrap_train_step(kill_at_step)
 
   if args.pause_at_step is not None:
-    paused_step = train.train_step
-
-    def train_step(state, images, labels):
-      if int(state.step) == args.pause_at_step:
+    def pause_at_step(real_step, state, images, labels):
+      if step_of(state) == args.pause_at_step:
         time.sleep(args.pause_seconds)
-      return paused_step(state, images, labels)
-    train.train_step = train_step
+      return real_step(state, images, labels)
+    wrap_train_step(pause_at_step)
 
   if args.kill_before_commit or args.kill_after_commit:
     from orbax.checkpoint._src.path import atomicity

@@ -30,6 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from flaxzoo import models
+from flaxzoo.training import parallel
 from flaxzoo.training.config import Config
 from flaxzoo.training.errors import CheckpointError
 from flaxzoo.training.state import TrainState
@@ -59,13 +60,23 @@ def open_manager(workdir, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       max_to_keep=None, enable_async_checkpointing=not read_only, create=not read_only,
       read_only=read_only, save_interval_steps=0 if read_only else 1,
-      cleanup_tmp_directories=not read_only)  # leftovers of killed saves
+      cleanup_tmp_directories=not read_only,  # leftovers of killed saves
+      # A reader writes nothing, so it needs no barrier with the other processes of a
+      # multi-process run (they list and read steps each on its own).
+      save_root_metadata=not read_only)
   # Named items: without them orbax infers single-item mode from the newest step, and one foreign
   # (not flaxzoo) checkpoint there made every flaxzoo step unreadable.
   manager = functools.partial(ocp.CheckpointManager, Path(workdir).absolute(), options=options,
                               item_names=ITEM_NAMES)
   if not read_only:
-    return manager()
+    manager = manager()
+    if jax.process_count() > 1:
+      # Which steps are another program's is decided once, here: the processes of a run must
+      # delete the same steps in the same order (each delete is a barrier), and the first
+      # process deleting a folder must not change what the others decide.
+      manager.flaxzoo_foreign_steps = {s for s in manager.all_steps()
+                                       if not is_flaxzoo_step(workdir, s)}
+    return manager
   with _absl_quiet():  # orbax warns "Given directory is read only" on every read-only open
     return manager()
 
@@ -114,7 +125,7 @@ def fingerprint(tree) -> str:
   """sha256 over every leaf's path, dtype, shape and bytes."""
   digest = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    array = np.asarray(leaf)
+    array = parallel.host_value(leaf)  # a replica of an array that spans processes
     digest.update(f"{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
   return digest.hexdigest()
@@ -158,9 +169,18 @@ def wait(manager: ocp.CheckpointManager, keep: int | None = None) -> None:
   with _save_errors(manager, manager.latest_step()):  # the step in flight, if one is
     manager.wait_until_finished()
     manager.check_for_errors()
-    ours = [s for s in sorted(manager.all_steps()) if is_flaxzoo_step(manager.directory, s)]
+    ours = _own_steps(manager)
     for old in ours[:-keep] if keep else []:  # another program's checkpoints are never deleted
       manager.delete(old)
+
+
+def _own_steps(manager) -> list[int]:
+  """The manager's flaxzoo steps, oldest first (see `open_manager` for several processes)."""
+  steps = sorted(manager.all_steps())
+  foreign = getattr(manager, "flaxzoo_foreign_steps", None)
+  if foreign is not None:
+    return [s for s in steps if s not in foreign]
+  return [s for s in steps if is_flaxzoo_step(manager.directory, s)]
 
 
 class _save_errors:
@@ -339,10 +359,12 @@ def no_checkpoint_message(workdir) -> str:
   return f"{workdir} {where}; train one first with: flaxzoo train --workdir {workdir}"
 
 
-def _restore_target(tree):
-  """Shapes and dtypes of `tree`, placed on the default device (restored as jax arrays there)."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+def _restore_target(tree, sharding=None):
+  """Shapes and dtypes of `tree`, placed with `sharding` (default: on the default device). Orbax
+  reads each array into whatever sharding it is given, so a checkpoint written by N devices
+  restores onto M."""
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def _read_state(manager, workdir, step: int, restore_args):
@@ -353,14 +375,16 @@ def _read_state(manager, workdir, step: int, restore_args):
     raise UnreadableCheckpoint(workdir, step, f"its state cannot be read ({_reason(e)})") from e
 
 
-def restore_latest(workdir, target: TrainState):
+def restore_latest(workdir, target: TrainState, sharding=None):
   """`(state, card, skipped)`: the newest checkpoint in `workdir` that reads back exactly.
 
-  `target` gives the structure, shapes and dtypes (a real or `jax.eval_shape` state).
+  `target` gives the structure, shapes and dtypes (a real or `jax.eval_shape` state); `sharding`
+  where its arrays go (default: the default device).
   """
   def restore(manager, step):
     card = _read_card(manager, workdir, step)
-    state = _read_state(manager, workdir, step, ocp.args.StandardRestore(_restore_target(target)))
+    state = _read_state(manager, workdir, step,
+                        ocp.args.StandardRestore(_restore_target(target, sharding)))
     _verify(workdir, step, card, {part: getattr(state, part) for part in STATE_PARTS})
     return state, card
 

@@ -1,4 +1,4 @@
-"""The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`, `analyze`, `export`,
+"""The `flaxzoo` command line: `models`, `train`, `finetune`, `eval`, `predict`, `analyze`, `export`, `launch`,
 `bench`. Each does what the Python API does. Commands import what they use: `flaxzoo --help` and `flaxzoo models` load
 no orbax, optax or TensorFlow."""
 
@@ -71,7 +71,7 @@ def cmd_train(args) -> int:
     # Continue the saved run: its config is the base, the flags given now change it.
     saved = config_lib.from_dict(checkpoint.read_card(workdir)["config"])
     config = config_lib.override(saved, overrides)
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, args.devices)
   return 0
 
 
@@ -98,7 +98,7 @@ def cmd_finetune(args) -> int:
   if args.class_map:
     overrides["class_map"] = read_class_map(args.class_map)
   dataset = overrides.pop("dataset")
-  finetune(args.source, dataset, args.workdir, step=args.step, **overrides)
+  finetune(args.source, dataset, args.workdir, step=args.step, devices=args.devices, **overrides)
   return 0
 
 
@@ -140,7 +140,7 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
   from flaxzoo.training.inference import evaluate_checkpoint
   result = evaluate_checkpoint(args.workdir, args.split, args.step, args.data_dir, args.manual_dir,
-                               dataset=args.dataset)
+                               dataset=args.dataset, devices=args.devices)
   print(f"{args.workdir} step {result['step']}: {result['dataset']} {args.split} accuracy "
         f"{result['accuracy']:.2%}, macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f} "
         f"on {result['num_examples']} examples")
@@ -165,6 +165,12 @@ def cmd_analyze(args) -> int:
   if args.json:
     print(json.dumps(report))
   return 0
+
+
+def cmd_launch(args) -> int:
+  from flaxzoo.training.launch import launch
+  argv = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+  return launch(args.num_processes, argv, args.devices_per_process, args.port)
 
 
 BENCH_FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
@@ -233,7 +239,22 @@ def _training_flags() -> argparse.ArgumentParser:
   parent.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
   parent.add_argument("--set", action="append", metavar="KEY=VALUE",
                       help="override any config field, e.g. --set model_kwargs='{\"widths\": [8, 16]}'")
+  _device_flag(parent)
+  processes = parent.add_argument_group("several processes (hosts): give all three, on every one "
+                                        "(none on a cluster JAX detects: SLURM, Open MPI, TPU pods)")
+  processes.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+  processes.add_argument("--num-processes", type=int, metavar="P")
+  processes.add_argument("--process-id", type=int, metavar="I", help="0..P-1, one per process")
+  processes.add_argument("--process-timeout", type=int, default=60, metavar="S", help="seconds to "
+                         "wait for the others at start, and before a silent process counts as dead "
+                         "(60)")
   return parent
+
+
+def _device_flag(parser) -> None:
+  parser.add_argument("--devices", type=int, metavar="N", help="local devices to split each batch "
+                      "over (default: all; on CPU XLA_FLAGS=--xla_force_host_platform_device_count=N "
+                      "makes N)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,7 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--manual-dir")
   p.add_argument("--data-dir")
   p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+  _device_flag(p)
   p.set_defaults(func=cmd_eval)
+
+  p = sub.add_parser("launch", help="run train or finetune as P local processes of one "
+                     "multi-process run (jax.distributed on 127.0.0.1)")
+  p.add_argument("--num-processes", type=int, required=True, metavar="P")
+  p.add_argument("--devices-per-process", type=int, metavar="D", help="CPU devices each process "
+                 "emulates (XLA_FLAGS=--xla_force_host_platform_device_count=D)")
+  p.add_argument("--port", type=int, help="the coordinator's port (default: a free one)")
+  p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- train|finetune ...",
+                 help="the command every process runs")
+  p.set_defaults(func=cmd_launch)
 
   p = sub.add_parser("bench", help="JAX against PyTorch eager and torch.compile on this machine")
   p.add_argument("--model", default="convnet", help="registered model (torch twins: convnet, "
@@ -360,7 +392,13 @@ def main(argv=None) -> int:
   from flaxzoo import runtime
   runtime.configure()
   from flaxzoo.training.errors import USER_ERRORS, TrainingInterrupted
-  if not os.environ.get("FLAXZOO_DEBUG") and args.command != "models":
+  if args.command in ("train", "finetune"):  # process-wide, before anything starts JAX's backend
+    from flaxzoo.training import parallel
+    try:
+      parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.process_timeout)
+    except USER_ERRORS as e:
+      return _print_error(str(e))
+  if not os.environ.get("FLAXZOO_DEBUG") and args.command not in ("models", "launch"):
     # orbax logs routine notices as warnings, and a failure it raises as an error log with a
     # traceback from each of its threads; the one line below says what went wrong and what to do.
     import absl.logging

@@ -85,14 +85,19 @@ def predict_step(model: nn.Module, variables, images, passes: int = 1):
   return jax.nn.softmax(logits_in_passes(model, variables, images, passes))
 
 
-def evaluate(model, variables, images, labels, batch_size: int, class_names=None) -> dict:
+def evaluate(model, variables, images, labels, batch_size: int, class_names=None,
+             layout=None) -> dict:
   """Loss, accuracy and macro-F1 over every example (the last batch is padded and masked); with
-  `class_names`, also per-class accuracy and the confusion matrix (see `training.metrics`)."""
-  batches = data.eval_batches(images, labels, batch_size)  # all of one shape: one `passes`
-  first = next(batches)
-  passes = passes_for(eval_step, model, variables, *first)
-  sums = jax.device_get([eval_step(model, variables, *batch, passes=passes)
-                         for batch in itertools.chain([first], batches)])
+  `class_names`, also per-class accuracy and the confusion matrix (see `training.metrics`). With a
+  `parallel.Layout` of several devices, each batch is split over them (this process reads its rows)."""
+  if layout is not None and layout.num_devices > 1:
+    sums = _sharded_eval_sums(model, variables, images, labels, batch_size, layout)
+  else:
+    batches = data.eval_batches(images, labels, batch_size)  # all of one shape: one `passes`
+    first = next(batches)
+    passes = passes_for(eval_step, model, variables, *first)
+    sums = jax.device_get([eval_step(model, variables, *batch, passes=passes)
+                           for batch in itertools.chain([first], batches)])
   totals = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}
   names = class_names or [str(i) for i in range(len(totals["confusion"]))]
   report = metrics.classification_metrics(totals["confusion"], names)
@@ -106,3 +111,15 @@ def evaluate(model, variables, images, labels, batch_size: int, class_names=None
     result.update((k, report[k]) for k in ("per_class_accuracy", "per_class", "class_names",
                                            "confusion_matrix"))
   return result
+
+
+def _sharded_eval_sums(model, variables, images, labels, batch_size: int, layout) -> list[dict]:
+  """`eval_step`'s sums per batch, each batch split over `layout`'s devices. The batch is rounded
+  up to a multiple of the device count (padding is masked, so the sums are the same); one pass
+  per call, as each device holds only its share."""
+  from flaxzoo.training import parallel
+  batch_size += -batch_size % layout.num_devices
+  rows = parallel.process_rows(layout, batch_size)
+  sums = [eval_step(model, variables, *parallel.global_batch(layout, *(x[rows] for x in batch)))
+          for batch in data.eval_batches(images, labels, batch_size)]
+  return [parallel.host_values(s) for s in sums]

@@ -29,12 +29,13 @@ def finetune_config(source_card: dict, source_workdir, dataset: str, **overrides
 
 def finetune(source_workdir, dataset: str, workdir=None, *, freeze: str = "none",
              head_learning_rate: float | None = None, epochs: int | None = None,
-             step: int | None = None, **overrides):
+             step: int | None = None, devices: int | None = None, **overrides):
   """Fine-tunes the model in `source_workdir` (its newest readable checkpoint, or `step`) on
   `dataset` (a tfds name or `folder:PATH`); returns the final TrainState.
 
   `workdir` defaults to checkpoints/<dataset>-<model>-from-<source workdir name>; a re-run
-  continues it. `overrides`: any Config field (learning_rate=..., batch_size=..., ...).
+  continues it. `overrides`: any Config field (learning_rate=..., batch_size=..., ...);
+  `devices`: as for `train_and_evaluate`.
   """
   runtime.configure()
   source_card = checkpoint.read_card(source_workdir, step)
@@ -49,4 +50,4 @@ def finetune(source_workdir, dataset: str, workdir=None, *, freeze: str = "none"
     if saved.init_from == config.init_from and step is None:
       # The source may have trained on since this fine-tune began: it continues from its start.
       config = dataclasses.replace(config, init_step=saved.init_step)
-  return train_and_evaluate(config, workdir)
+  return train_and_evaluate(config, workdir, devices)

@@ -11,7 +11,7 @@ from flaxzoo import data
 from flaxzoo.data import folders
 from flaxzoo.data import images as image_lib
 from flaxzoo.files import replace_atomically
-from flaxzoo.training import analysis, checkpoint, metrics
+from flaxzoo.training import analysis, checkpoint, metrics, parallel
 from flaxzoo.training.config import ConfigError, dataset_slug
 from flaxzoo.training.evaluation import evaluate, passes_for, predict_step
 
@@ -118,21 +118,25 @@ def save_saliency(model, variables, images, paths) -> list[str]:
 
 def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
                         data_dir: str | None = None, manual_dir: str | None = None,
-                        save: bool = True, dataset: str | None = None) -> dict:
+                        save: bool = True, dataset: str | None = None,
+                        devices: int | None = None) -> dict:
   """Accuracy, loss, macro-F1, per-class accuracy and confusion matrix of a checkpoint on its own
   dataset's `split` (the examples and input conversion it was trained with).
 
   With `save`, also writes WORKDIR/eval-<split>.json and WORKDIR/confusion-<split>.png; their
   paths are in the result's "files" (a folder that cannot be written to only gets a warning).
+  Each batch is split over `devices` local devices (default: all).
   """
+  layout = parallel.make_layout(devices)
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
+  variables = parallel.replicate(layout, variables)
   if dataset:  # the image folder it was trained on, moved: the same classes at a new path
     dataset = data.canonical_name(dataset)
     folders.check_moved_folder(card["dataset"]["name"], dataset, card["dataset"]["class_names"])
     card = {**card, "dataset": {**card["dataset"], "name": dataset}}
   images, labels = checkpoint_split(card, split, data_dir, manual_dir, workdir=workdir)
   result = evaluate(model, variables, images, labels, card["config"].get("eval_batch_size", 1000),
-                    card["dataset"]["class_names"])
+                    card["dataset"]["class_names"], layout)
   result.update(step=card["step"], split=split, dataset=card["dataset"]["name"],
                 model=card["model"]["name"], workdir=str(workdir))
   if save:

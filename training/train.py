@@ -7,6 +7,7 @@ so a run killed at any moment and started again ends bit for bit where an uninte
 travel in the checkpoint's card, so the log too comes out record for record the same.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,13 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from tqdm import tqdm
 
 from flaxzoo import data, models, runtime
 from flaxzoo.files import replace_atomically
-from flaxzoo.training import checkpoint, curves, pretrained, workdir_lock
+from flaxzoo.training import checkpoint, curves, parallel, pretrained, workdir_lock
 from flaxzoo.training import config as config_lib
 from flaxzoo.training.config import Config, ConfigError
 from flaxzoo.training.errors import CheckpointError, TrainingDiverged, TrainingInterrupted
@@ -31,22 +31,23 @@ from flaxzoo.training.evaluation import evaluate
 from flaxzoo.training.optimizer import learning_rate_schedule
 from flaxzoo.training.profiling import StepProfiler
 from flaxzoo.training.state import TrainState, create_train_state
-from flaxzoo.training.steps import train_step
 from flaxzoo.training.tensorboard_log import TensorBoardLog
 
 
 class MetricsLog:
   """WORKDIR/metrics.jsonl: one JSON object per line; each record also goes to TensorBoard when a
-  `TensorBoardLog` is attached."""
+  `TensorBoardLog` is attached. With `writes=False` (every process but the first of a
+  multi-process run) it only reads."""
 
-  def __init__(self, path: Path, tensorboard: TensorBoardLog | None = None):
+  def __init__(self, path: Path, tensorboard: TensorBoardLog | None = None, writes: bool = True):
     self.path = path
     self.tensorboard = tensorboard
+    self.writes = writes
 
   def drop_after(self, step: int) -> None:
     """Forgets records past `step` (written by a run that stopped before saving that far) and a
     line cut short by a kill."""
-    if not self.path.exists():
+    if not self.path.exists() or not self.writes:
       return
     text = self.path.read_text()
     kept = "".join(line + "\n" for line in text.splitlines()
@@ -60,6 +61,8 @@ class MetricsLog:
     return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
   def write(self, record: dict) -> None:
+    if not self.writes:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     if self.tensorboard:
@@ -81,26 +84,42 @@ class StopRequests:
   """While active, SIGINT and SIGTERM only set `signum`; the loop stops at the end of the step.
 
   A second signal stops the process at once, exit status 128 + signal: the checkpoints already
-  committed stay.
+  committed stay. In a multi-process run every process must stop at the same step: SIGTERM is
+  left to JAX's preemption notifier, SIGINT is turned into a SIGTERM, and `requested(step)` asks
+  JAX's preemption sync point, which all processes reach at the same step.
   """
 
-  def __init__(self):
+  def __init__(self, multi_process: bool = False):
     self.signum = None
+    self.multi_process = multi_process
     self._previous = {}
+    self._checked_step = -1
+    self._seen = False
+
+  def requested(self, step: int) -> bool:
+    if self.multi_process and self.signum is None and step > self._checked_step:
+      self._checked_step = step
+      if parallel.stop_requested_everywhere(step):
+        self.signum = signal.SIGTERM
+    return self.signum is not None
 
   def _handle(self, signum, frame):
-    if self.signum is not None:
+    if self.signum is not None or self._seen:
       # Exiting here, not raising into whatever code runs (orbax's waits turned that into other
       # errors): what is committed stays, as after a kill -9, and the status is the signal's.
       print(f"flaxzoo: stopped at once by a second {signal.Signals(signum).name}; the committed "
             f"checkpoints are kept. Resume with the same command", file=sys.stderr, flush=True)
       sys.stdout.flush()
       os._exit(128 + signum)
+    self._seen = True
+    if self.multi_process:  # only SIGINT comes here: on to JAX's notifier, which tells the others
+      signal.raise_signal(signal.SIGTERM)
+      return
     self.signum = signum
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():  # signal handlers live there only
-      for sig in (signal.SIGINT, signal.SIGTERM):
+      for sig in ((signal.SIGINT,) if self.multi_process else (signal.SIGINT, signal.SIGTERM)):
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
@@ -156,7 +175,7 @@ def check_writable(workdir: Path, create: bool = False) -> None:
   try:
     if create:
       workdir.mkdir(parents=True, exist_ok=True)
-      probe = workdir / ".write-test"
+      probe = workdir / f".write-test.{os.getpid()}"  # one per process of a multi-process run
       probe.write_text("")
       probe.unlink()
       return
@@ -182,7 +201,13 @@ class Run:
   lineage: dict | None  # where a fine-tune's weights came from (in every card it writes)
   learning_rate: Any  # step -> the (backbone's) learning rate, for the logs
   profiler: StepProfiler
+  layout: parallel.Layout  # the devices (and processes) the batches are split over
   dataset_moves: list = dataclasses.field(default_factory=list)  # an image folder's moves, in order
+
+  def say(self, *args, **kwargs) -> None:
+    """Prints from the first process only (every process of a run would print the same)."""
+    if self.layout.is_primary:
+      print(*args, **kwargs)
 
   def card(self, step: int, metrics: dict) -> dict:
     card = checkpoint.make_card(self.model, self.config, self.info, step,
@@ -194,12 +219,13 @@ class Run:
     return card
 
 
-def train_and_evaluate(config: Config, workdir) -> TrainState:
+def train_and_evaluate(config: Config, workdir, devices: int | None = None) -> TrainState:
   """Trains `config.model` on `config.dataset`, evaluating and checkpointing every epoch.
 
   Continues from the newest readable checkpoint in `workdir` if there is one. Returns the final
   state. SIGINT/SIGTERM save a checkpoint and raise TrainingInterrupted; a NaN or infinite loss
-  raises TrainingDiverged without saving.
+  raises TrainingDiverged without saving. Each batch is split over `devices` local devices of
+  every process (default: all of them; see `parallel`); `config.batch_size` is the global batch.
   """
   workdir = Path(workdir)
   runtime.configure()
@@ -209,12 +235,23 @@ def train_and_evaluate(config: Config, workdir) -> TrainState:
     models.create_model(config.model, **config.model_kwargs)
   except (TypeError, models.UnknownModelError) as e:
     raise ConfigError(str(e)) from e
+  layout = parallel.make_layout(devices)
+  parallel.check_batch_size(config.batch_size, layout)
+  parallel.check_same_settings(layout, json.dumps([dataclasses.asdict(config), str(workdir), devices],
+                                                  sort_keys=True))
   check_writable(workdir)
-  with workdir_lock.hold(workdir):  # one writer per workdir, for the whole run
-    return _train_and_evaluate_locked(config, workdir)
+  # One writer per workdir, for the whole run: the first process holds the lock for all of them.
+  lock = workdir_lock.hold(workdir) if layout.is_primary else contextlib.nullcontext()
+  try:
+    with lock:
+      return _train_and_evaluate_locked(config, workdir, layout)
+  except Exception as e:
+    if layout.num_processes > 1 and parallel.is_peer_lost(e):
+      parallel.exit_peer_lost(layout, e, workdir)
+    raise
 
 
-def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
+def _train_and_evaluate_locked(config: Config, workdir: Path, layout: parallel.Layout) -> TrainState:
   resume_card = checkpoint.read_card(workdir) if checkpoint.saved_steps(workdir) else None
   if config.init_from and not resume_card:  # a fine-tune's source must be readable: fail early
     config = source_step_on_disk(config)
@@ -227,15 +264,16 @@ def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
       # An image folder that moved: the same classes at a new path continue the run (recorded).
       data.folders.check_moved_folder(saved_dataset, config.dataset, resume_card["dataset"]["class_names"])
       dataset_moves.append({"from": saved_dataset, "to": config.dataset, "step": resume_card["step"]})
-      print(f"flaxzoo: note: continuing with {config.dataset} (trained so far on {saved_dataset}, "
-            f"the same classes)", file=sys.stderr)
+      if layout.is_primary:
+        print(f"flaxzoo: note: continuing with {config.dataset} (trained so far on {saved_dataset}, "
+              f"the same classes)", file=sys.stderr)
       same_run_as = dataclasses.replace(config, dataset=saved_dataset)
     check_resumable(resume_card, same_run_as, workdir)
     num_train = resume_card["dataset"]["num_examples"]["train"]
     if config.train_examples:
       num_train = min(num_train, config.train_examples)
     if resume_card["step"] >= config.epochs * data.steps_per_epoch(num_train, config.batch_size):
-      finished = restore_finished(resume_card, config, workdir)
+      finished = restore_finished(resume_card, config, workdir, layout)
       if finished is not None:
         return finished
 
@@ -253,47 +291,55 @@ def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
                       f"training examples; lower --batch-size")
   total_steps = config.epochs * steps_per_epoch
   model, state = build_model(config, info, total_steps)
+  print_layout(layout)
 
   latest_metrics, pending = {}, []
   last_saved = lineage = None
   if resume_card:
-    state, card, skipped = checkpoint.restore_latest(workdir, state)
-    checkpoint.set_aside(workdir, skipped)  # so that training can write those steps again
+    state, card, skipped = checkpoint.restore_latest(workdir, state, layout.replicated)
+    if layout.is_primary:
+      checkpoint.set_aside(workdir, skipped)  # so that training can write those steps again
     last_saved = card["step"]
     latest_metrics = card["metrics"]
     pending = card.get("pending_train_metrics", [])
     lineage = card.get("lineage")
-    print(f"Resuming {workdir} from step {last_saved} (epoch {last_saved / steps_per_epoch:.2f} "
-          f"of {config.epochs}).", file=sys.stderr)
+    if layout.is_primary:
+      print(f"Resuming {workdir} from step {last_saved} (epoch {last_saved / steps_per_epoch:.2f} "
+            f"of {config.epochs}).", file=sys.stderr)
   elif config.init_from:
     config, variables, report = load_source(config, model, info, state)
     state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
     frozen = pretrained.frozen_paths(state.params, config.freeze)
-    pretrained.print_report(report, frozen, info.name)
+    if layout.is_primary:
+      pretrained.print_report(report, frozen, info.name)
     lineage = pretrained.lineage(report, frozen)
+  if not resume_card:
+    state = parallel.replicate(layout, state)
   check_writable(workdir, create=True)
   checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
-  if info.files and not resume_card:  # what an image folder held, for eval to compare against
+  if info.files and not resume_card and layout.is_primary:  # for eval to compare against
     files_json = json.dumps(info.files)
     replace_atomically(workdir / data.folders.DATASET_FILES, lambda tmp: tmp.write_text(files_json))
-  metrics_log = MetricsLog(workdir / "metrics.jsonl")
+  metrics_log = MetricsLog(workdir / "metrics.jsonl", writes=layout.is_primary)
   metrics_log.drop_after(last_saved or 0)
   resumed_from = last_saved
-  metrics_log.tensorboard = TensorBoardLog(workdir / "tensorboard", (last_saved or 0) + 1,
-                                           dataclasses.asdict(config))
+  if layout.is_primary:
+    metrics_log.tensorboard = TensorBoardLog(workdir / "tensorboard", (last_saved or 0) + 1,
+                                             dataclasses.asdict(config))
+  parallel.barrier(layout, "workdir ready")  # unreadable steps set aside, before any lists steps
   manager = checkpoint.open_manager(workdir)
   run = Run(config, workdir, model, info, steps_per_epoch, manager, metrics_log, lineage,
             learning_rate_schedule(config, total_steps),
-            StepProfiler(config.profile_steps, workdir / "profile"), dataset_moves)
+            StepProfiler(config.profile_steps, workdir / "profile"), layout, dataset_moves)
   try:
-    with StopRequests() as stop:
+    with StopRequests(multi_process=layout.num_processes > 1) as stop:
       state, latest_metrics = train_epochs(run, state, latest_metrics, pending, last_saved, stop,
                                            (train_images, train_labels), (test_images, test_labels))
     checkpoint.wait(manager, config.keep_checkpoints)
   except TrainingDiverged as e:
     _close_quietly(manager)  # the save in flight holds a good state: let it commit
     metrics_log.drop_after(e.last_saved or 0)
-    if (e.last_saved or 0) == (resumed_from or 0):  # nothing of this run is kept
+    if (e.last_saved or 0) == (resumed_from or 0) and metrics_log.tensorboard:  # nothing kept
       metrics_log.tensorboard.discard()
     raise
   except BaseException:
@@ -303,7 +349,7 @@ def _train_and_evaluate_locked(config: Config, workdir: Path) -> TrainState:
     run.profiler.stop()
     metrics_log.close()
   manager.close()
-  print(f"Done: {config.model} on {config.dataset}, test accuracy "
+  run.say(f"Done: {config.model} on {config.dataset}, test accuracy "
         f"{latest_metrics['test']['accuracy']:.2%}; checkpoint {workdir}/{int(state.step)}")
   return state
 
@@ -357,16 +403,25 @@ def load_source(config: Config, model, info, state, attempts: int = 3):
         raise
 
 
-def restore_finished(card: dict, config: Config, workdir) -> TrainState | None:
+def print_layout(layout: parallel.Layout) -> None:
+  """Says where training runs when that is more than one device."""
+  if layout.num_devices > 1 and layout.is_primary:
+    print(f"Training on {layout.describe()} (data parallel; each batch split along "
+          f"'{parallel.DATA_AXIS}').", file=sys.stderr)
+
+
+def restore_finished(card: dict, config: Config, workdir, layout: parallel.Layout) -> TrainState | None:
   """The finished run's final state, restored without loading any data (None if that state turns
   out unreadable and an older checkpoint is all there is: training then continues from it)."""
   model = checkpoint.model_from_card(card)
   state = create_train_state(model, config, card["input_shape"], total_steps=card["step"])
-  state, restored_card, _ = checkpoint.restore_latest(workdir, state)
+  state, restored_card, _ = checkpoint.restore_latest(workdir, state, layout.replicated)
   if restored_card["step"] != card["step"]:
     return None
   test = card["metrics"].get("test", {})
   summary = f", test accuracy {test['accuracy']:.2%}" if "accuracy" in test else ""
+  if not layout.is_primary:
+    return state
   print(f"{workdir} is already trained: {card['epoch']:g} epochs, step {card['step']}{summary}. "
         f"Nothing to do; pass --epochs above {card['epoch']:g} to train longer.")
   return state
@@ -388,6 +443,9 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
   checkpoint at every epoch end (and every `checkpoint_every_steps`). Returns the final state and
   the latest train and test records."""
   config, workdir, manager, steps_per_epoch = run.config, run.workdir, run.manager, run.steps_per_epoch
+  layout = run.layout
+  step_fn = parallel.sharded_train_step(layout)
+  rows = parallel.process_rows(layout, config.batch_size)  # this process's part of each batch
   latest_metrics = dict(latest_metrics)
   step = int(state.step)
   window = list(pending)  # per-step train metrics not yet written to metrics.jsonl
@@ -395,7 +453,7 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
 
   def save_checkpoint():
     nonlocal last_saved
-    values = jax.device_get(window)
+    values = parallel.host_values(window)
     check_finite(values, step, epoch + 1, workdir, last_saved)
     card = run.card(step, latest_metrics)
     card["pending_train_metrics"] = [{k: float(v) for k, v in m.items()} for m in values]
@@ -404,7 +462,7 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
 
   def flush_train_window():
     nonlocal window, window_start
-    values = jax.device_get(window)
+    values = parallel.host_values(window)
     check_finite(values, step, epoch + 1, workdir, last_saved)
     now = time.perf_counter()
     record = {"step": step, "epoch": epoch + 1, "split": "train", **mean_metrics(values),
@@ -416,7 +474,7 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
     window, window_start = [], now
 
   def stop_if_requested():
-    if stop.signum is None:
+    if not stop.requested(step):
       return
     if last_saved != step:
       save_checkpoint()
@@ -436,17 +494,18 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
     epoch_start = window_start = time.perf_counter()
     bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
                unit="step", leave=False, file=sys.stderr,
-               disable=not sys.stderr.isatty())  # tqdm's own disable=None misdetects ttys
+               disable=not (sys.stderr.isatty() and layout.is_primary))  # tqdm's None misdetects ttys
     stop_if_requested()
     for images, labels in data.train_batches(*train_split, config.batch_size, config.seed, epoch,
-                                             start=start_batch):
+                                             start=start_batch, rows=rows):
+      images, labels = parallel.global_batch(layout, images, labels)
       with run.profiler.step(step + 1):
-        state, step_metrics = train_step(state, images, labels)
+        state, step_metrics = step_fn(state, images, labels)
       step += 1
       window.append(step_metrics)
       bar.update()
       if bar.n % 20 == 0 and not bar.disable:
-        recent = jax.device_get(window[-20:])
+        recent = parallel.host_values(window[-20:])
         bar.set_postfix(loss=f"{np.mean([m['loss'] for m in recent]):.4f}",
                         acc=f"{np.mean([m['accuracy'] for m in recent]):.2%}",
                         img_s=f"{(bar.format_dict['rate'] or 0) * config.batch_size:.0f}")
@@ -461,15 +520,16 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
     bar.close()
     train_seconds = time.perf_counter() - epoch_start
 
-    test = evaluate(run.model, state.variables(), *test_split, config.eval_batch_size)
+    test = evaluate(run.model, state.variables(), *test_split, config.eval_batch_size, layout=layout)
     test_record = {"step": step, "epoch": epoch + 1, "split": "test", **test}
     run.metrics_log.write(test_record)
     latest_metrics["test"] = test_record
     save_checkpoint()
-    draw_curves(run)
+    if layout.is_primary:
+      draw_curves(run)
     trained = (steps_per_epoch - start_batch) * config.batch_size
     summary = epoch_summary(logged_before if epoch == first_epoch else [], epoch_metrics)
-    print(f"epoch {epoch + 1}/{config.epochs}  step {step}  "
+    run.say(f"epoch {epoch + 1}/{config.epochs}  step {step}  "
           f"train loss {summary['loss']:.4f} acc {summary['accuracy']:.2%}  "
           f"test loss {test['loss']:.4f} acc {test['accuracy']:.2%}  "
           f"{trained / train_seconds:.0f} img/s  {train_seconds:.1f} s", flush=True)
