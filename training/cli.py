@@ -393,9 +393,13 @@ def main(argv=None) -> int:
   runtime.configure()
   from flaxzoo.training.errors import USER_ERRORS, TrainingInterrupted
   if args.command in ("train", "finetune"):  # process-wide, before anything starts JAX's backend
-    from flaxzoo.training import parallel
+    from flaxzoo.training import launch, parallel
+    flags = (args.coordinator, args.num_processes, args.process_id)
     try:
-      parallel.initialize(args.coordinator, args.num_processes, args.process_id, args.process_timeout)
+      if parallel.wanted(*flags) and not os.environ.get(launch.SUPERVISED_ENV):
+        parallel.check_process_flags(*flags)
+        return launch.supervise(args.process_id, args.workdir)  # runs this command as its child
+      parallel.initialize(*flags, args.process_timeout)
     except USER_ERRORS as e:
       return _print_error(str(e))
   if not os.environ.get("FLAXZOO_DEBUG") and args.command not in ("models", "launch"):

@@ -4,9 +4,12 @@ It only starts processes (each a plain `flaxzoo train|finetune ... --coordinator
 --num-processes P --process-id I`); JAX's coordination service and collectives do the rest. Each
 child runs in its own session, so Ctrl-C reaches the launcher alone, which passes a SIGTERM to every
 child: JAX's preemption sync point then stops them all at the same step, after a checkpoint.
+When one process fails, the others cannot go on (their next collective waits for it): the
+launcher says which one failed and kills the rest at once; their committed checkpoints stay.
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,8 +19,8 @@ import time
 from flaxzoo.training.config import ConfigError
 
 COMMANDS = ("train", "finetune")
-GRACE_S = 30  # after the first failure, how long the others get to stop before SIGKILL
 POLL_S = 0.2
+EXIT_PEER_LOST = 3  # the status of a process JAX stopped because of another (parallel.py too)
 
 
 def free_port() -> int:
@@ -55,9 +58,9 @@ def check_arguments(num_processes: int, argv: list[str], devices_per_process: in
 
 
 def launch(num_processes: int, argv: list[str], devices_per_process: int | None = None,
-           port: int | None = None, grace_s: float = GRACE_S) -> int:
+           port: int | None = None) -> int:
   """Runs the P processes to the end; returns 0, or the exit status of the first that failed
-  (the others are then stopped: SIGTERM, and SIGKILL after `grace_s`)."""
+  (the others are then killed)."""
   check_arguments(num_processes, argv, devices_per_process)
   port = port or free_port()
   env = child_environment(devices_per_process)
@@ -71,7 +74,7 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int | None 
 
   previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
-    return _wait(children, grace_s)
+    return _wait(children)
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
@@ -80,7 +83,7 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int | None 
         child.kill()
 
 
-def _wait(children, grace_s: float) -> int:
+def _wait(children) -> int:
   while True:
     codes = [child.poll() for child in children]
     failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
@@ -89,21 +92,76 @@ def _wait(children, grace_s: float) -> int:
       status = f"signal {signal.Signals(-code).name}" if code < 0 else f"status {code}"
       running = [c for c in children if c.poll() is None]
       print(f"flaxzoo launch: process {index} exited with {status}"
-            + ("; stopping the others" if running else ""), file=sys.stderr, flush=True)
-      _stop(running, grace_s)
+            + ("; stopped the others (the committed checkpoints are kept)" if running else ""),
+            file=sys.stderr, flush=True)
+      for child in running:
+        child.kill()
+        child.wait()
       return code if code > 0 else 128 - code
     if all(code == 0 for code in codes):
       return 0
     time.sleep(POLL_S)
 
 
-def _stop(children, grace_s: float) -> None:
-  for child in children:
-    child.send_signal(signal.SIGTERM)
-  deadline = time.monotonic() + grace_s
-  for child in children:
-    try:
-      child.wait(max(0.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      child.kill()
-      child.wait()
+# JAX's C++ log lines (glog format: severity, date, time, thread, file:line]) and the stack trace
+# its fatal errors print, which `supervise` turns into one line; and gloo's start-up chatter.
+_JAX_LOG = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+:\d+\]")
+_NOISE = re.compile(r"^(\s+@\s+0x|\*\*\* Check failure stack trace|\[Gloo\] |RPC: /|Additional GRPC|"
+                    r":UNKNOWN:|Barrier result|This suggests that the workers|The tasks have crashed|"
+                    r"\d+$|$)")
+SUPERVISED_ENV = "FLAXZOO_SUPERVISED"
+
+
+def supervise(process_id: int | None, workdir: str | None) -> int:
+  """Runs this very command again as a child and relays its output, so that a multi-process run
+  ends with one line however JAX stops it. JAX's coordination client does not raise when the
+  coordinator is unreachable, a process id is taken twice, or another process died: it aborts
+  the process with a log line and a C++ stack trace. Those become one `flaxzoo: error:` line and
+  exit status 3 here; any other exit is passed on as it is (a signal by the same signal)."""
+  env = dict(os.environ, **{SUPERVISED_ENV: "1"})
+  child = subprocess.Popen(sys.orig_argv, env=env, stderr=subprocess.PIPE, text=True, bufsize=1,
+                           preexec_fn=_die_with_parent)
+
+  def forward(signum, frame):
+    child.send_signal(signum)
+
+  previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+  fatal = None
+  try:
+    in_jax_message = False
+    for line in child.stderr:
+      if _JAX_LOG.match(line):
+        in_jax_message = True
+        if line.startswith("F") and fatal is None:
+          fatal = line.split("] ", 1)[1].strip()
+        continue
+      if in_jax_message and _NOISE.match(line.rstrip("\n")) or line.startswith("[Gloo] "):
+        continue
+      in_jax_message = False
+      sys.stderr.write(line)
+      sys.stderr.flush()
+    code = child.wait()
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+  if fatal and code == -signal.SIGABRT:
+    reason = fatal.split(". Disable Python buffering")[0].split(" absl::Status")[0]
+    where = f"; the committed checkpoints in {workdir} are kept" if workdir else ""
+    print(f"flaxzoo: error: process {process_id}: JAX stopped it ({reason}){where}. Check that every "
+          f"process runs, each with its own --process-id, then restart them all with the same "
+          f"command", file=sys.stderr, flush=True)
+    return EXIT_PEER_LOST
+  if code < 0:  # killed by a signal: so is this process (what a caller of kill -9 expects)
+    if -code not in (signal.SIGKILL, signal.SIGSTOP):
+      signal.signal(-code, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+  return code
+
+
+def _die_with_parent() -> None:
+  """The child gets SIGKILL when the supervising process dies (Linux; elsewhere nothing)."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass

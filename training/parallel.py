@@ -14,7 +14,9 @@ import dataclasses
 import functools
 import hashlib
 import os
+import socket
 import sys
+import time
 
 import jax
 import numpy as np
@@ -31,32 +33,45 @@ DEFAULT_TIMEOUT_S = 60
 # What a collective with a dead peer raises (gloo on CPU, NCCL/ICI elsewhere say "unavailable").
 PEER_LOST_WORDS = ("gloo", "connection reset", "connection closed", "socket closed", "unavailable",
                    "heartbeat", "barrier", "coordination service")
-EXIT_PEER_LOST = 3
+EXIT_PEER_LOST = 3  # also what `launch.supervise` exits with
 
 
 class ProcessesError(ConfigError):
   """A multi-process start-up the user must fix (one line, like every ConfigError)."""
 
 
+def wanted(coordinator=None, num_processes=None, process_id=None) -> bool:
+  """Whether this process is one of several: flags given, or a cluster JAX detects."""
+  return any(v is not None for v in (coordinator, num_processes, process_id)) or detected_cluster()
+
+
+def check_process_flags(coordinator=None, num_processes=None, process_id=None) -> None:
+  """Raises one line for flags that cannot start a multi-process run."""
+  explicit = (coordinator, num_processes, process_id)
+  if all(v is None for v in explicit):
+    return
+  if any(v is None for v in explicit):
+    raise ProcessesError("--coordinator HOST:PORT, --num-processes P and --process-id I go together; "
+                         "give all three (or none, on a cluster JAX detects)")
+  if num_processes < 1:
+    raise ProcessesError(f"--num-processes must be at least 1, got {num_processes}")
+  if not 0 <= process_id < num_processes:
+    raise ProcessesError(f"--process-id {process_id} is not in 0..{num_processes - 1} (one id per "
+                         f"process, 0 for the coordinator's host)")
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit():
+    raise ProcessesError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+
+
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: int = DEFAULT_TIMEOUT_S) -> None:
   """`jax.distributed.initialize` with flaxzoo's checks: with no arguments it starts only where
   JAX detects a cluster (SLURM, Open MPI, Kubernetes, TPU pods); a plain process stays single."""
-  explicit = (coordinator, num_processes, process_id)
-  if all(v is None for v in explicit) and not detected_cluster():
+  if not wanted(coordinator, num_processes, process_id):
     return
-  if any(v is None for v in explicit) and not all(v is None for v in explicit):
-    raise ProcessesError("--coordinator HOST:PORT, --num-processes P and --process-id I go together; "
-                         "give all three (or none, on a cluster JAX detects)")
-  if num_processes is not None:
-    if num_processes < 1:
-      raise ProcessesError(f"--num-processes must be at least 1, got {num_processes}")
-    if not 0 <= process_id < num_processes:
-      raise ProcessesError(f"--process-id {process_id} is not in 0..{num_processes - 1} (one id per "
-                           f"process, 0 for the coordinator's host)")
-    host, _, port = coordinator.rpartition(":")
-    if not host or not port.isdigit():
-      raise ProcessesError(f"--coordinator must be HOST:PORT, got {coordinator!r}")
+  check_process_flags(coordinator, num_processes, process_id)
+  if process_id:  # JAX aborts the process (no exception) when the coordinator never answers
+    wait_for_coordinator(coordinator, timeout_s, process_id)
   # Collectives between processes on CPU (it changes nothing for GPU or TPU devices).
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   try:
@@ -67,6 +82,23 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     raise ProcessesError(f"process {process_id} could not join the run at {coordinator} within "
                          f"{timeout_s} s ({first}); check that process 0 runs there, that every "
                          f"process has its own --process-id and the same --num-processes") from e
+
+
+def wait_for_coordinator(coordinator: str, timeout_s: float, process_id: int) -> None:
+  """Waits until something listens at the coordinator's address (a TCP connect, closed at once),
+  or raises one line after `timeout_s`."""
+  host, _, port = coordinator.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+      return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise ProcessesError(f"process {process_id}: no coordinator at {coordinator} after {timeout_s} s "
+                             f"({e.strerror or e}); start process 0 (--process-id 0) there, or "
+                             f"raise --process-timeout") from e
+      time.sleep(0.5)
 
 
 def detected_cluster() -> bool:
