@@ -259,14 +259,17 @@ def benchmark(model: str = "convnet", batch_size: int = 128, eval_batch_size: in
           steps: int = 20, repeats: int = 7, latency_calls: int = 200,
           frameworks=bench.FRAMEWORKS, memory: bool = True, sweep: bool = False,
           real_data: bool = False, time_to_accuracy: bool = False, manual_dir=None,
-          csv_path=None, log=print) -> dict:
+          csv_path=None, devices=(), log=print) -> dict:
   """Runs `flaxzoo bench`; returns every figure (also appended as one row of `csv_path`, if
-  given)."""
+  given). `devices`: device counts for the data-parallel figures (`benchmarks.scale_out`)."""
   runtime.configure()
   result = {"date": datetime.datetime.now().isoformat(timespec="seconds")}
   result.update(bench.run_benchmark(model, batch_size, eval_batch_size, steps, repeats,
                                     latency_calls, frameworks, memory, log))
   print_summary(result, log)
+  if devices:
+    from flaxzoo.benchmarks import scale_out
+    result["data_parallel"] = scale_out.device_figures(model, batch_size, devices, steps, repeats, log)
   runner = warm_jax_runner(model, batch_size) if sweep or real_data else None
   if sweep:
     log("scalability: train img/s against batch size")

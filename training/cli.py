@@ -192,6 +192,28 @@ def bench_settings_error(args, frameworks) -> str | None:
   return None
 
 
+def bench_device_counts(text: str | None) -> tuple[int, ...]:
+  """--devices 1,2,4 -> (1, 2, 4); a bad list raises ConfigError."""
+  from flaxzoo.training.config import ConfigError
+  if not text:
+    return ()
+  try:
+    counts = tuple(int(part) for part in text.split(","))
+  except ValueError:
+    counts = ()
+  if not counts or min(counts) < 1:
+    raise ConfigError(f"--devices takes device counts such as 1,2,4, got {text!r}")
+  return counts
+
+
+def emulate_cpu_devices(count: int) -> None:
+  """Asks XLA for `count` CPU devices unless XLA_FLAGS already says how many (no effect on GPU or
+  TPU devices); only works before JAX starts, which the CLI has not yet done."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "--xla_force_host_platform_device_count=" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+
+
 def cmd_bench(args) -> int:
   from flaxzoo.benchmarks import report
   frameworks = tuple(f.strip() for f in args.frameworks.split(",") if f.strip())
@@ -204,7 +226,8 @@ def cmd_bench(args) -> int:
                             repeats=args.repeats, latency_calls=args.latency_calls,
                             frameworks=frameworks, memory=not args.no_memory, sweep=args.sweep,
                             real_data=args.real_data, time_to_accuracy=args.time_to_accuracy,
-                            manual_dir=args.manual_dir, csv_path=args.csv, log=log)
+                            manual_dir=args.manual_dir, csv_path=args.csv,
+                            devices=bench_device_counts(args.devices), log=log)
   if args.json:
     print(json.dumps(result))
   return 0
@@ -379,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
                  "test accuracy, flaxzoo train --config fast against a plain PyTorch script")
   p.add_argument("--manual-dir", help="MNIST raw files (default $FLAXZOO_MANUAL_DIR/mnist)")
   p.add_argument("--csv", metavar="PATH", help="also append the run as one row to this CSV file")
+  p.add_argument("--devices", metavar="N,N,...", help="also: the data-parallel train step on these "
+                 "device counts and the one-device overhead against the plain step (on CPU, that "
+                 "many devices are emulated on the same cores)")
   p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
   p.set_defaults(func=cmd_bench)
   return parser
@@ -389,6 +415,11 @@ def main(argv=None) -> int:
   # Process-wide settings belong to the entry point: TensorFlow's and XLA's C++ start-up chatter
   # off, then flaxzoo's measured XLA:CPU settings before anything computes.
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if args.command == "bench" and args.devices:
+    try:
+      emulate_cpu_devices(max(bench_device_counts(args.devices)))
+    except ValueError as e:  # ConfigError, without importing the config module's users
+      return _print_error(str(e))
   from flaxzoo import runtime
   runtime.configure()
   from flaxzoo.training.errors import USER_ERRORS, TrainingInterrupted

@@ -67,14 +67,17 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int | None 
   children = [subprocess.Popen(child_command(argv, port, num_processes, i), env=env,
                                start_new_session=True) for i in range(num_processes)]
 
+  stop_requested = []
+
   def forward(signum, frame):
+    stop_requested.append(signum)
     for child in children:
       if child.poll() is None:
         child.send_signal(signal.SIGTERM)
 
   previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
-    return _wait(children)
+    return _wait(children, stop_requested)
   finally:
     for sig, handler in previous.items():
       signal.signal(sig, handler)
@@ -83,8 +86,10 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int | None 
         child.kill()
 
 
-def _wait(children) -> int:
+def _wait(children, stop_requested: list) -> int:
   while True:
+    if stop_requested:  # every process stops at the same step and says so itself
+      return max((child.wait() for child in children), key=abs)
     codes = [child.poll() for child in children]
     failed = [(i, code) for i, code in enumerate(codes) if code not in (None, 0)]
     if failed:
