@@ -30,7 +30,9 @@ class ShardedRunner:
   def train_steps(self, images, labels, steps: int) -> None:
     state = self.state
     for _ in range(steps):
-      state, _ = self.step(state, *parallel.global_batch(self.layout, images, labels))
+      state, metrics = self.step(state, *parallel.global_batch(self.layout, images, labels))
+      if self.layout.waits_for_each_step:  # as the training loop does
+        jax.block_until_ready(metrics)
     jax.block_until_ready(state.params)
     self.state = state
 

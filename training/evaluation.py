@@ -120,6 +120,7 @@ def _sharded_eval_sums(model, variables, images, labels, batch_size: int, layout
   from flaxzoo.training import parallel
   batch_size += -batch_size % layout.num_devices
   rows = parallel.process_rows(layout, batch_size)
-  sums = [eval_step(model, variables, *parallel.global_batch(layout, *(x[rows] for x in batch)))
+  # Each batch's sums fetched before the next is sent: see `Layout.waits_for_each_step`.
+  return [parallel.host_values(eval_step(model, variables,
+                                         *parallel.global_batch(layout, *(x[rows] for x in batch))))
           for batch in data.eval_batches(images, labels, batch_size)]
-  return [parallel.host_values(s) for s in sums]

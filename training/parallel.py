@@ -141,6 +141,15 @@ class Layout:
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())
 
+  @property
+  def waits_for_each_step(self) -> bool:
+    """XLA:CPU runs the devices' parts of a step on one shared thread pool, each blocking until all
+    reach the step's all-reduce: with several steps queued, the pool filled with parts of different
+    steps and waited forever (seen at 4 emulated devices, after a few dozen steps). So on CPU a
+    multi-device step is waited for before the next is sent; GPUs and TPUs queue freely."""
+    local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+    return len(local) > 1 and local[0].platform == "cpu"
+
   def describe(self) -> str:
     kind = self.mesh.devices.flat[0].platform.upper()
     where = (f" in {self.num_processes} processes" if self.num_processes > 1 else "")

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm import tqdm
 
@@ -501,6 +502,8 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
       images, labels = parallel.global_batch(layout, images, labels)
       with run.profiler.step(step + 1):
         state, step_metrics = step_fn(state, images, labels)
+      if layout.waits_for_each_step:
+        jax.block_until_ready(step_metrics)
       step += 1
       window.append(step_metrics)
       bar.update()
