@@ -2,14 +2,16 @@
 run it finally completes is bit for bit the run that was never interrupted.
 
     .venv/bin/python scripts/kill_and_restart.py [--kills 20] [--seed 0] [--root DIR]
-        [--min-seconds 5] [--max-seconds 35] [-- TRAIN_ARGS...]
+        [--min-seconds 5] [--max-seconds 35] [--processes P --devices-per-process D] [-- TRAIN_ARGS...]
 
 Default TRAIN_ARGS: the default ConvNet on MNIST with a checkpoint every 50 steps (so each attempt
 keeps some progress). Raw data: --manual-dir in TRAIN_ARGS, or $FLAXZOO_MANUAL_DIR (default
 ../shared/data when it exists). A kill "survives" when the attempt after it starts from a readable
 checkpoint no older than the last one committed before the kill, without an error. Prints
 `survived K/N, bit-identical: yes/no` as its last line; exit status 0 only for N/N and yes.
-Not part of CI: on the default ConvNet it takes ~10 minutes on a 2-core machine.
+With --processes, every attempt is `flaxzoo launch` of P processes (D emulated CPU devices each),
+and kill -9 of the launcher takes all of them down at once. Not part of CI: on the default ConvNet
+it takes ~10 minutes on a 2-core machine.
 """
 
 import argparse
@@ -28,8 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TRAIN_ARGS = ["--checkpoint-every-steps", "50"]
 
 
+LAUNCH: list[str] = []  # `launch --num-processes P ... --` before `train`, with --processes
+
+
 def train_command(workdir: Path, train_args: list[str]) -> list[str]:
-  return [sys.executable, "-m", "flaxzoo.training", "train", "--workdir", str(workdir), *train_args]
+  return [sys.executable, "-m", "flaxzoo.training", *LAUNCH, "train", "--workdir", str(workdir), *train_args]
 
 
 def committed_steps(workdir: Path) -> list[int]:
@@ -77,9 +82,14 @@ def main() -> int:
   parser.add_argument("--min-seconds", type=float, default=5.0)
   parser.add_argument("--max-seconds", type=float, default=35.0)
   parser.add_argument("--keep", action="store_true", help="reuse a finished uninterrupted/ run")
+  parser.add_argument("--processes", type=int, help="run every attempt as this many processes")
+  parser.add_argument("--devices-per-process", type=int, default=1)
   parser.add_argument("train_args", nargs=argparse.REMAINDER)
   args = parser.parse_args()
   train_args = (args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args) or DEFAULT_TRAIN_ARGS
+  if args.processes:
+    LAUNCH[:] = ["launch", "--num-processes", str(args.processes), "--devices-per-process",
+                 str(args.devices_per_process), "--"]
   env = dict(os.environ)
   shared = ROOT.parent / "shared" / "data"
   if "FLAXZOO_MANUAL_DIR" not in env and shared.is_dir():

@@ -64,8 +64,10 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int | None 
   check_arguments(num_processes, argv, devices_per_process)
   port = port or free_port()
   env = child_environment(devices_per_process)
+  # Own sessions: Ctrl-C reaches the launcher only. Killed with the launcher, even by kill -9.
   children = [subprocess.Popen(child_command(argv, port, num_processes, i), env=env,
-                               start_new_session=True) for i in range(num_processes)]
+                               start_new_session=True, preexec_fn=_die_with_parent)
+              for i in range(num_processes)]
 
   stop_requested = []
 
