@@ -450,7 +450,9 @@ def main(argv=None) -> int:
   except USER_ERRORS as e:
     return _print_error(str(e))
   except TrainingInterrupted as e:
-    print(f"flaxzoo: {e}", file=sys.stderr)
+    import jax
+    if jax.process_index() == 0:  # every process of a run stops alike: one says so
+      print(f"flaxzoo: {e}", file=sys.stderr)
     return e.exit_status
   except KeyboardInterrupt:
     _print_error("interrupted")
