@@ -54,7 +54,7 @@ def mnist_manual_dir(manual_dir: str | None) -> str | None:
 def load_mnist(manual_dir):
   """Real MNIST train/test arrays, prepared through tfds like every training run."""
   dataset = data.load_dataset("mnist", manual_dir=mnist_manual_dir(manual_dir))
-  return dataset.splits["train"], dataset.splits["test"]
+  return dataset.splits["train"].arrays(), dataset.splits["test"].arrays()
 
 
 def batch_size_sweep(model_name: str, frameworks, repeats: int, log) -> dict:
@@ -78,7 +78,7 @@ def batch_size_sweep(model_name: str, frameworks, repeats: int, log) -> dict:
 
 def real_batches_rate(runner, train_split, batch_size: int, steps: int, epoch: int) -> float:
   """img/s of `steps` train steps fed by the real input path (`data.train_batches`)."""
-  batches = data.train_batches(*train_split, batch_size, seed=0, epoch=epoch)
+  batches = data.train_batches(train_split, batch_size, seed=0, epoch=epoch)
 
   def work():
     state = runner.state

@@ -5,10 +5,11 @@ Layouts: `PATH/train/<class>/…` with `PATH/test/<class>/…`; or `PATH/train/<
 by a hash of its path within its class folder, so adding or removing files never moves another file
 between the splits. Classes are the sorted visible folder names (hidden and `__MACOSX` folders are
 ignored); images in nested folders belong to their class. The files are decoded with PIL and
-converted to one input shape.
+converted to one input shape, all at load (in memory) or each as it is read (streaming).
 """
 
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxzoo.data import images as image_lib
+from flaxzoo.data import sources
 from flaxzoo.data.types import DataError, Dataset, DatasetInfo
 
 PREFIX = "folder:"
@@ -59,8 +61,15 @@ def _images_in(class_folder: Path) -> list[str]:
   return sorted(found)
 
 
+def _compact(paths: list[str]) -> np.ndarray:
+  """Paths as one bytes array: a million short paths take tens of MB, not the hundreds that
+  Python strings in lists would."""
+  return np.array([p.encode() for p in paths], dtype=bytes) if paths else np.array([], "S1")
+
+
 def list_folder(root: Path) -> dict:
-  """`{"class_names": [...], "splits": {split: [[file, label], ...]}, "layout": ...}`.
+  """`{"class_names": [...], "splits": {split: (paths, labels)}, "layout": ...}`: paths relative to
+  `root` as a bytes array (`_compact`), labels int32.
 
   Classes are the visible subfolders of PATH/train/ (or of PATH), sorted by name; images in
   nested folders belong to their class folder. Raises DataError for fewer than two classes, a
@@ -75,13 +84,14 @@ def list_folder(root: Path) -> dict:
   if len(class_names) < 2:
     raise DataError(f"{train_root} has {len(class_names)} class folder(s) ({', '.join(class_names) or 'none'}); "
                     f"a classifier needs at least two. {usage}")
-  splits = {"train": [], "test": []}
+  parts = {"train": [], "test": []}
   for label, name in enumerate(class_names):
     files = _images_in(train_root / name)
     if not files:
       raise DataError(f"class {name!r} has no training images in {train_root / name} (PNG or JPEG, "
                       f"nested folders included); add some or remove the folder")
-    splits["train"] += [[str(train_root / name / f), label] for f in files]
+    prefix = str((train_root / name).relative_to(root))
+    parts["train"].append((_compact([f"{prefix}/{f}" for f in files]), label))
   if split_layout and (root / "test").is_dir():
     test_classes = [p.name for p in _class_folders(root / "test")]
     extra = sorted(set(test_classes) - set(class_names))
@@ -89,52 +99,74 @@ def list_folder(root: Path) -> dict:
       raise DataError(f"{root / 'test'} has classes that {train_root} lacks: {', '.join(extra)}; a "
                       f"model cannot learn a class it never trains on: add them to train/ or remove them")
     for name in test_classes:
-      splits["test"] += [[str(root / "test" / name / f), class_names.index(name)]
-                         for f in _images_in(root / "test" / name)]
+      files = _images_in(root / "test" / name)
+      parts["test"].append((_compact([f"test/{name}/{f}" for f in files]), class_names.index(name)))
+  splits = {split: _join(found) for split, found in parts.items()}
   return {"class_names": class_names, "splits": splits,
-          "layout": "train/ and test/" if splits["test"] else "held out by hash"}
+          "layout": "train/ and test/" if len(splits["test"][0]) else "held out by hash"}
 
 
-def _hold_out_position(path: str, class_folder: Path) -> float:
+def _join(parts: list) -> tuple[np.ndarray, np.ndarray]:
+  """(paths, labels) from [(paths of one class, its label), ...]."""
+  if not parts:
+    return _compact([]), np.array([], np.int32)
+  paths = np.concatenate([p for p, _ in parts]) if parts else _compact([])
+  labels = np.concatenate([np.full(len(p), label, np.int32) for p, label in parts])
+  return paths, labels
+
+
+def _hold_out_position(relative: bytes) -> float:
   """A file's place in [0, 1) from its path relative to its class folder: adding or removing
   other files never changes it."""
-  relative = str(Path(path).relative_to(class_folder))
-  return int.from_bytes(hashlib.sha256(relative.encode()).digest(), "big") / 2**256
+  return int.from_bytes(hashlib.sha256(relative).digest(), "big") / 2**256
 
 
-def hold_out(examples: list, fraction: float, class_folders: list[Path]) -> tuple[list, list]:
-  """(train, test): a file is held out when its `_hold_out_position` is below `fraction`
-  (`HOLD_OUT_RULE`), so a file never moves between splits when others are added or removed. A
-  class all of whose files would be held out keeps its last-placed file in train."""
-  train, test = [], []
-  for label, folder in enumerate(class_folders):
-    files = [e for e in examples if e[1] == label]
-    place = {e[0]: _hold_out_position(e[0], folder) for e in files}
-    held = [e for e in files if place[e[0]] < fraction]
-    if len(held) == len(files):
-      held.remove(max(held, key=lambda e: place[e[0]]))
-    test += held
-    held_paths = {e[0] for e in held}
-    train += [e for e in files if e[0] not in held_paths]
-  return train, test
+def hold_out(paths: np.ndarray, labels: np.ndarray, fraction: float, class_folders) -> tuple:
+  """((train paths, labels), (test paths, labels)): a file is held out when its
+  `_hold_out_position` is below `fraction` (`HOLD_OUT_RULE`), so a file never moves between splits
+  when others are added or removed. A class all of whose files would be held out keeps its
+  last-placed file in train."""
+  held = np.zeros(len(paths), bool)
+  for label, folder in enumerate(class_folders):  # each class folder's path relative to the root
+    members = np.flatnonzero(labels == label)
+    skip = len(folder.encode()) + 1  # the path relative to the class folder follows "<folder>/"
+    places = np.array([_hold_out_position(p[skip:]) for p in paths[members]])
+    chosen = places < fraction
+    if chosen.all():
+      chosen[np.argmax(places)] = False
+    held[members[chosen]] = True
+  return (paths[~held], labels[~held]), (paths[held], labels[held])
+
+
+# The input shape of a folder is the most common size among at most this many of its training
+# files, spread evenly over them: reading every header of a million-file folder took minutes.
+SHAPE_SAMPLE = 1000
+
+
+def sampled_shapes(root: Path, paths: np.ndarray) -> list:
+  """Header shapes of up to SHAPE_SAMPLE of `paths` (relative to `root`), spread evenly."""
+  picks = np.unique(np.linspace(0, len(paths) - 1, min(len(paths), SHAPE_SAMPLE)).astype(int))
+  return [image_lib.header_shape(root / paths[i].decode()) for i in picks]
 
 
 def load_folder_dataset(name: str, image_shape=None, test_fraction: float = 0.2,
-                        splits=("train", "test"), limits: dict | None = None) -> Dataset:
-  """An image folder in memory as uint8 arrays of one shape: `image_shape` (H, W, C) when given
-  (a fine-tuned model's input), else the most common size, RGB if any image is colour."""
+                        splits=("train", "test"), limits: dict | None = None,
+                        streaming: str = "off") -> Dataset:
+  """An image folder's splits as sources of one image shape: `image_shape` (H, W, C) when given
+  (a fine-tuned model's input), else the most common size (`sampled_shapes`), RGB if any sampled
+  image is colour. `streaming` as in `sources.streams`: in memory, or decoded as read."""
   root = folder_path(name)
   listing = list_folder(root)
   class_names = listing["class_names"]
   files = listing["splits"]
-  held_out = not files["test"]
+  held_out = not len(files["test"][0])
   if held_out:
     train_root = root / "train" if (root / "train").is_dir() else root
-    files["train"], files["test"] = hold_out(files["train"], test_fraction,
-                                             [train_root / name for name in class_names])
+    class_folders = [str((train_root / name).relative_to(root)) for name in class_names]
+    files["train"], files["test"] = hold_out(*files["train"], test_fraction, class_folders)
   limits = limits or {}
-  files = {split: files[split][:limits.get(split) or None] for split in splits}
-  shapes = {split: [image_lib.header_shape(path) for path, _ in files[split]] for split in splits}
+  files = {split: tuple(a[:limits.get(split) or None] for a in files[split]) for split in splits}
+  shapes = {split: sampled_shapes(root, files[split][0]) for split in splits}
   target = tuple(image_shape) if image_shape else image_lib.common_shape(shapes.get("train")
                                                                         or sum(shapes.values(), []))
   note = image_lib.conversion_note(f"{PREFIX}{root}", sum(shapes.values(), []), target)
@@ -142,29 +174,33 @@ def load_folder_dataset(name: str, image_shape=None, test_fraction: float = 0.2,
     print(note, file=sys.stderr)
   if held_out and "test" in splits:
     print(f"{PREFIX}{root}: no test/ folder; holding out {test_fraction:.0%} of each class as the "
-          f"test split ({len(files['test'])} images)", file=sys.stderr)
-  arrays = {}
+          f"test split ({len(files['test'][0])} images)", file=sys.stderr)
+  split_sources = {}
   for split in splits:
-    images = np.empty((len(files[split]), *target), np.uint8)
-    for i, (path, _) in enumerate(files[split]):
-      images[i] = image_lib.convert_pil_image(image_lib.open_image(path), target)
-    labels = np.asarray([label for _, label in files[split]], np.int32)
-    images.flags.writeable = labels.flags.writeable = False
-    arrays[split] = (images, labels)
+    source = sources.FolderFiles(root, *files[split], target)
+    split_sources[split] = source if sources.streams(streaming, len(source), target) else \
+        sources.ArraySource(*source.arrays())
   rule = (f"held out by hash: {HOLD_OUT_RULE}, test_fraction {test_fraction}" if held_out
           else "PATH/train/ and PATH/test/ folders")
   info = DatasetInfo(name=canonical_name(name), num_classes=len(class_names),
                      class_names=tuple(class_names), image_shape=target,
-                     num_examples={split: len(files[split]) for split in splits}, split_rule=rule,
-                     files={split: [str(Path(path).relative_to(root)) for path, _ in files[split]]
-                            for split in splits})
-  return Dataset(info, arrays)
+                     num_examples={split: len(files[split][0]) for split in splits}, split_rule=rule,
+                     files={split: files[split][0] for split in splits})
+  return Dataset(info, split_sources)
+
+
+def files_json(files: dict) -> str:
+  """`DatasetInfo.files` (bytes arrays) as the JSON of WORKDIR/dataset-files.json."""
+  return json.dumps({split: [p.decode() for p in paths] for split, paths in files.items()})
 
 
 def folder_changes(recorded: dict, now: dict) -> dict:
-  """Per split, how many files are new and how many gone between two `DatasetInfo.files`."""
-  return {split: {"new": len(set(now[split]) - set(recorded.get(split, []))),
-                  "gone": len(set(recorded.get(split, [])) - set(now[split]))}
+  """Per split, how many files are new and how many gone between two `DatasetInfo.files` (lists
+  of paths, or bytes arrays as `load_folder_dataset` gives them)."""
+  def names(paths):
+    return {p.decode() if isinstance(p, bytes) else p for p in paths}
+  return {split: {"new": len(names(now[split]) - names(recorded.get(split, []))),
+                  "gone": len(names(recorded.get(split, [])) - names(now[split]))}
           for split in now}
 
 

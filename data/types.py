@@ -22,4 +22,4 @@ class DatasetInfo:
 @dataclasses.dataclass
 class Dataset:
   info: DatasetInfo
-  splits: dict  # split name -> (images uint8 (N, H, W, C), labels int32 (N,))
+  splits: dict  # split name -> a source (data.sources): `read(indices)`, `arrays()`, len()

@@ -51,7 +51,7 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   for split, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):
-    images, labels = dataset.splits[split]
+    images, labels = dataset.splits[split].arrays()
     for name, folder_name in zip(wanted, folder_names):
       folder = args.out / split / folder_name
       folder.mkdir(parents=True)

@@ -55,7 +55,7 @@ def finetune_nnx(model, images, labels, *, epochs: int, batch_size: int, learnin
   train_step = train_step_fn()
   losses = []
   for epoch in range(epochs):
-    for batch_images, batch_labels in data.train_batches(images, labels, batch_size, seed, epoch):
+    for batch_images, batch_labels in data.train_batches((images, labels), batch_size, seed, epoch):
       losses.append(float(train_step(model, optimizer, to_input(batch_images), jnp.asarray(batch_labels))))
   return losses
 
@@ -79,10 +79,10 @@ def main() -> int:
     print(f"nnx_finetune: error: {args.dataset} has {dataset.info.num_classes} classes, the "
           f"checkpoint {card['num_classes']}; use flaxzoo finetune for a new head", file=sys.stderr)
     return 2
-  test_images, test_labels = dataset.splits["test"]
+  test_images, test_labels = dataset.splits["test"].arrays()
   print(f"{card['model']['name']} from {args.source} (step {card['step']}) as an NNX module: "
         f"test accuracy on {args.dataset} before {accuracy(model, test_images, test_labels):.2%}")
-  losses = finetune_nnx(model, *dataset.splits["train"], epochs=args.epochs,
+  losses = finetune_nnx(model, *dataset.splits["train"].arrays(), epochs=args.epochs,
                         batch_size=args.batch_size, learning_rate=args.learning_rate)
   print(f"{len(losses)} NNX steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; test accuracy after "
         f"{accuracy(model, test_images, test_labels):.2%}")

@@ -19,8 +19,8 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
 def test_resumed_batches_equal_the_uninterrupted_tail():
   images = np.arange(100 * 4, dtype=np.uint8).reshape(100, 2, 2, 1)
   labels = np.arange(100, dtype=np.int32)
-  full = list(data.train_batches(images, labels, 16, seed=7, epoch=2))
-  tail = list(data.train_batches(images, labels, 16, seed=7, epoch=2, start=4))
+  full = list(data.train_batches((images, labels), 16, seed=7, epoch=2))
+  tail = list(data.train_batches((images, labels), 16, seed=7, epoch=2, start=4))
   assert len(full) == data.steps_per_epoch(100, 16) == 6
   assert len(tail) == 2
   for (xa, ya), (xb, yb) in zip(full[4:], tail):
@@ -32,7 +32,7 @@ def test_resumed_batches_equal_the_uninterrupted_tail():
 def test_eval_batches_cover_every_example_once():
   images = np.ones((10, 2, 2, 1), np.uint8)
   labels = np.arange(10, dtype=np.int32)
-  batches = list(data.eval_batches(images, labels, 4))
+  batches = list(data.eval_batches((images, labels), 4))
   assert [x.shape[0] for x, _, _ in batches] == [4, 4, 4]
   assert sum(m.sum() for _, _, m in batches) == 10
   assert np.array_equal(np.concatenate([y[m > 0] for _, y, m in batches]), labels)
@@ -191,7 +191,7 @@ def test_what_a_folder_dataset_counts_as_a_class(tmp_path):
   write_pngs(tmp_path / "__MACOSX" / "a", ["1.png"])
   listing = folders.list_folder(tmp_path)
   assert listing["class_names"] == ["a", "b"]
-  assert sum(label == 0 for _, label in listing["splits"]["train"]) == 3
+  assert sum(listing["splits"]["train"][1] == 0) == 3
 
   one_class = tmp_path / "one"
   write_pngs(one_class / "only", ["1.png", "2.png"])

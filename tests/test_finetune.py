@@ -146,10 +146,10 @@ def test_folder_layouts_and_held_out_fraction(digit_folder, tmp_path):
   flat = folders.load_folder_dataset(f"folder:{digit_folder / 'train'}", image_shape=(28, 28, 1),
                                      test_fraction=0.25)
   train_files, test_files = set(flat.info.files["train"]), set(flat.info.files["test"])
-  assert flat.splits["train"][0].shape[1:] == (28, 28, 1)
+  assert flat.splits["train"].images.shape[1:] == (28, 28, 1)
   assert len(train_files | test_files) == 60 and not train_files & test_files
   assert 5 <= len(test_files) <= 25  # about 25 % of 60: each file by the hash of its path
-  assert set(flat.splits["train"][1].tolist()) == set(range(5))  # every class trains
+  assert set(flat.splits["train"].labels.tolist()) == set(range(5))  # every class trains
   assert flat.info.split_rule.startswith("held out by hash")
   with pytest.raises(data.DataError, match="does not exist"):
     folders.load_folder_dataset(f"folder:{tmp_path / 'missing'}")
@@ -221,7 +221,7 @@ def test_fashion_mnist_prepared_beside_mnist_has_its_own_pixels(mnist_data_dir, 
   fashion = data.load_dataset("fashion_mnist", mnist_data_dir, str(fashion_raw), splits=("test",),
                               limits={"test": 1000})
   assert fashion.info.class_names[0] == "T-shirt/top"
-  fashion_images, fashion_labels = fashion.splits["test"]
+  fashion_images, fashion_labels = fashion.splits["test"].arrays()
   mnist_images, mnist_labels = data.load_split("mnist", "test", mnist_data_dir, limit=1000)
   assert not np.array_equal(fashion_labels, mnist_labels)
   assert not np.array_equal(fashion_images, mnist_images)
@@ -244,7 +244,7 @@ def test_evaluate_counts_the_confusion_matrix_of_its_predictions(source, mnist_d
   model, variables, card = checkpoint.load_checkpoint(source)
   images, labels = data.load_split("mnist", "test", mnist_data_dir, limit=250)
   names = card["dataset"]["class_names"]
-  result = training.evaluate(model, variables, images, labels, 100, names)  # 100+100+50 padded
+  result = training.evaluate(model, variables, (images, labels), 100, names)  # 100+100+50 padded
   predicted = training.predict_arrays(model, variables, images).argmax(1)
   expected = metrics.confusion_matrix(labels, predicted, 10)
   assert result["confusion_matrix"] == expected.tolist()

@@ -82,7 +82,7 @@ def test_top5_accuracy_for_more_than_five_classes_only():
   for num_classes, has_top5 in ((10, True), (3, False)):
     model = models.create_model("convnet", num_classes=num_classes, **TINY)
     variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
-    result = evaluate(model, variables, images, labels % num_classes, batch_size=16)
+    result = evaluate(model, variables, (images, labels % num_classes), batch_size=16)
     assert ("top5_accuracy" in result) == has_top5
     if has_top5:
       assert result["accuracy"] <= result["top5_accuracy"] <= 1.0

@@ -58,7 +58,7 @@ def per_example_grad_norms(model, variables, images, labels, batch_size: int = G
   """Per example: `loss`, `grad_norm` (L2 over every parameter), `predicted` class and its
   `probability`, as numpy arrays over all of `images` (uint8 or [0, 1] float, NHWC)."""
   parts = []
-  for batch_images, batch_labels, mask in data.eval_batches(images, labels, batch_size):
+  for batch_images, batch_labels, mask in data.eval_batches((images, labels), batch_size):
     losses, norms, probabilities = jax.device_get(
         _grad_norm_batch(model, variables, batch_images, batch_labels))
     keep = mask > 0

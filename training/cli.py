@@ -140,7 +140,8 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
   from flaxzoo.training.inference import evaluate_checkpoint
   result = evaluate_checkpoint(args.workdir, args.split, args.step, args.data_dir, args.manual_dir,
-                               dataset=args.dataset, devices=args.devices)
+                               dataset=args.dataset, devices=args.devices,
+                               streaming=args.streaming or "auto", workers=args.workers)
   print(f"{args.workdir} step {result['step']}: {result['dataset']} {args.split} accuracy "
         f"{result['accuracy']:.2%}, macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f} "
         f"on {result['num_examples']} examples")
@@ -260,6 +261,7 @@ def _training_flags() -> argparse.ArgumentParser:
                       "to N pixels (PIL's decompression-bomb limit, default 89,478,485)")
   parent.add_argument("--manual-dir", help="folder holding the dataset's original raw files")
   parent.add_argument("--data-dir", help="tfds data dir for prepared data (default tfds's own)")
+  _streaming_flags(parent)
   parent.add_argument("--set", action="append", metavar="KEY=VALUE",
                       help="override any config field, e.g. --set model_kwargs='{\"widths\": [8, 16]}'")
   _device_flag(parent)
@@ -272,6 +274,14 @@ def _training_flags() -> argparse.ArgumentParser:
                          "wait for the others at start, and before a silent process counts as dead "
                          "(60)")
   return parent
+
+
+def _streaming_flags(parser) -> None:
+  parser.add_argument("--streaming", choices=("auto", "on", "off"), help="read the data by index "
+                      "from disk in worker processes (on), or into memory (off); auto (default) "
+                      "streams a split whose decoded images exceed 256 MiB. Same batches either way")
+  parser.add_argument("--workers", type=int, metavar="N", help="worker processes decoding batches "
+                      "when streaming (default: half the cores, at least 1; 0: threads)")
 
 
 def _device_flag(parser) -> None:
@@ -370,6 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--manual-dir")
   p.add_argument("--data-dir")
   p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+  _streaming_flags(p)
   _device_flag(p)
   p.set_defaults(func=cmd_eval)
 

@@ -51,6 +51,10 @@ class Config:
   data_dir: str | None = None  # tfds data dir; None = tfds's default (honours TFDS_DATA_DIR)
   manual_dir: str | None = None  # raw files; None = $FLAXZOO_MANUAL_DIR/<dataset> or download
   config_file: str | None = None  # the --config file these settings started from (configs/*.toml)
+  # How data are read (the batches are the same either way): in memory, or by index from disk in
+  # grain worker processes; auto streams a split too large for memory (data.IN_MEMORY_MAX_BYTES).
+  streaming: str = "auto"  # auto | on | off
+  workers: int | None = None  # grain worker processes when streaming; None: data.default_workers()
 
 
 SCHEDULES = ("onecycle", "cosine", "linear", "step", "constant")
@@ -60,7 +64,7 @@ SCHEDULES = ("onecycle", "cosine", "linear", "step", "constant")
 FIELDS_WITH_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
                      "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype",
                      "head", "profile_steps", "log_every_steps", "optimizer", "schedule",
-                     "label_smoothing")
+                     "label_smoothing", "streaming", "workers")
 
 # Fields that must match for a checkpoint to continue the same run.
 RUN_IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "batch_size", "seed", "train_examples",
@@ -134,6 +138,8 @@ def validate(config: Config) -> None:
       ("optimizer", config.optimizer in ("adamw", "sgd"), "adamw or sgd"),
       ("schedule", config.schedule in SCHEDULES, " or ".join(SCHEDULES)),
       ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),
+      ("streaming", config.streaming in ("auto", "on", "off"), "auto, on or off"),
+      ("workers", config.workers is None or config.workers >= 0, "0 (read in threads) or more"),
       ("profile_steps", profile_window(config.profile_steps, check=False) is not None
        or not config.profile_steps, "A:B with 1 <= A <= B (train steps as numbered in metrics.jsonl), "
        "e.g. 10:20"),

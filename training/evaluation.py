@@ -85,15 +85,16 @@ def predict_step(model: nn.Module, variables, images, passes: int = 1):
   return jax.nn.softmax(logits_in_passes(model, variables, images, passes))
 
 
-def evaluate(model, variables, images, labels, batch_size: int, class_names=None,
-             layout=None) -> dict:
-  """Loss, accuracy and macro-F1 over every example (the last batch is padded and masked); with
-  `class_names`, also per-class accuracy and the confusion matrix (see `training.metrics`). With a
+def evaluate(model, variables, split, batch_size: int, class_names=None, layout=None,
+             workers: int = 0) -> dict:
+  """Loss, accuracy and macro-F1 over every example of `split` ((images, labels) or a source, read
+  by `workers` threads if it streams; the last batch is padded and masked); with `class_names`,
+  also per-class accuracy and the confusion matrix (see `training.metrics`). With a
   `parallel.Layout` of several devices, each batch is split over them (this process reads its rows)."""
   if layout is not None and layout.num_devices > 1:
-    sums = _sharded_eval_sums(model, variables, images, labels, batch_size, layout)
+    sums = _sharded_eval_sums(model, variables, split, batch_size, layout, workers)
   else:
-    batches = data.eval_batches(images, labels, batch_size)  # all of one shape: one `passes`
+    batches = data.eval_batches(split, batch_size, workers)  # all of one shape: one `passes`
     first = next(batches)
     passes = passes_for(eval_step, model, variables, *first)
     sums = jax.device_get([eval_step(model, variables, *batch, passes=passes)
@@ -113,7 +114,7 @@ def evaluate(model, variables, images, labels, batch_size: int, class_names=None
   return result
 
 
-def _sharded_eval_sums(model, variables, images, labels, batch_size: int, layout) -> list[dict]:
+def _sharded_eval_sums(model, variables, split, batch_size: int, layout, workers: int) -> list[dict]:
   """`eval_step`'s sums per batch, each batch split over `layout`'s devices. The batch is rounded
   up to a multiple of the device count (padding is masked, so the sums are the same); one pass
   per call, as each device holds only its share."""
@@ -123,4 +124,4 @@ def _sharded_eval_sums(model, variables, images, labels, batch_size: int, layout
   # Each batch's sums fetched before the next is sent: see `Layout.waits_for_each_step`.
   return [parallel.host_values(eval_step(model, variables,
                                          *parallel.global_batch(layout, *(x[rows] for x in batch))))
-          for batch in data.eval_batches(images, labels, batch_size)]
+          for batch in data.eval_batches(split, batch_size, workers)]

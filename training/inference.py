@@ -119,13 +119,15 @@ def save_saliency(model, variables, images, paths) -> list[str]:
 def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
                         data_dir: str | None = None, manual_dir: str | None = None,
                         save: bool = True, dataset: str | None = None,
-                        devices: int | None = None) -> dict:
+                        devices: int | None = None, streaming: str = "auto",
+                        workers: int | None = None) -> dict:
   """Accuracy, loss, macro-F1, per-class accuracy and confusion matrix of a checkpoint on its own
   dataset's `split` (the examples and input conversion it was trained with).
 
   With `save`, also writes WORKDIR/eval-<split>.json and WORKDIR/confusion-<split>.png; their
   paths are in the result's "files" (a folder that cannot be written to only gets a warning).
-  Each batch is split over `devices` local devices (default: all).
+  Each batch is split over `devices` local devices (default: all). `streaming`, `workers`: how
+  the split is read (see `training.Config`).
   """
   layout = parallel.make_layout(devices)
   model, variables, card = checkpoint.load_checkpoint(workdir, step)
@@ -134,9 +136,10 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
     dataset = data.canonical_name(dataset)
     folders.check_moved_folder(card["dataset"]["name"], dataset, card["dataset"]["class_names"])
     card = {**card, "dataset": {**card["dataset"], "name": dataset}}
-  images, labels = checkpoint_split(card, split, data_dir, manual_dir, workdir=workdir)
-  result = evaluate(model, variables, images, labels, card["config"].get("eval_batch_size", 1000),
-                    card["dataset"]["class_names"], layout)
+  source = checkpoint_source(card, split, data_dir, manual_dir, workdir=workdir, streaming=streaming)
+  result = evaluate(model, variables, source, card["config"].get("eval_batch_size", 1000),
+                    card["dataset"]["class_names"], layout,
+                    data.default_workers() if workers is None else workers)
   result.update(step=card["step"], split=split, dataset=card["dataset"]["name"],
                 model=card["model"]["name"], workdir=str(workdir))
   if save:
@@ -146,15 +149,22 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
 
 def checkpoint_split(card: dict, split: str, data_dir: str | None = None, manual_dir: str | None = None,
                      workdir=None):
-  """`(images, labels)` of `split` of a checkpoint's own dataset, with the examples and input
-  conversion it was trained with. For an image folder, with `workdir`: a folder whose files
-  changed since training is said in one line (how many new, how many gone)."""
+  """`(images, labels)` arrays of `split` of a checkpoint's own dataset (see `checkpoint_source`)."""
+  return checkpoint_source(card, split, data_dir, manual_dir, workdir).arrays()
+
+
+def checkpoint_source(card: dict, split: str, data_dir: str | None = None, manual_dir: str | None = None,
+                      workdir=None, streaming: str = "off"):
+  """`split` of a checkpoint's own dataset as a source (`data.sources`; in memory unless
+  `streaming`), with the examples and input conversion it was trained with. For an image folder,
+  with `workdir`: a folder whose files changed since training is said in one line (how many new,
+  how many gone)."""
   saved = card["config"]
   limit = {"test": saved.get("test_examples"), "train": saved.get("train_examples")}.get(split)
   dataset = data.load_dataset(
       card["dataset"]["name"], data_dir or saved.get("data_dir"), manual_dir or saved.get("manual_dir"),
       splits=(split,), limits={split: limit}, image_shape=card["input_shape"],
-      test_fraction=saved.get("test_fraction", 0.2))
+      test_fraction=saved.get("test_fraction", 0.2), streaming=streaming)
   recorded = Path(workdir) / folders.DATASET_FILES if workdir else None
   if dataset.info.files and recorded and recorded.exists():
     changes = folders.folder_changes(json.loads(recorded.read_text()), dataset.info.files)[split]

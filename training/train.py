@@ -9,6 +9,7 @@ travel in the checkpoint's card, so the log too comes out record for record the 
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -278,18 +279,20 @@ def _train_and_evaluate_locked(config: Config, workdir: Path, layout: parallel.L
       if finished is not None:
         return finished
 
-  # Data: prepared once per data dir, each split read into memory once.
+  # Data: prepared once per data dir; each split read into memory once, or streamed from disk.
   dataset = data.load_dataset(
       config.dataset, config.data_dir, config.manual_dir,
       limits={"train": config.train_examples, "test": config.test_examples},
-      image_shape=config.input_shape, test_fraction=config.test_fraction)
+      image_shape=config.input_shape, test_fraction=config.test_fraction, streaming=config.streaming)
   info = dataset.info
-  train_images, train_labels = dataset.splits["train"]
-  test_images, test_labels = dataset.splits["test"]
-  steps_per_epoch = data.steps_per_epoch(len(train_images), config.batch_size)
+  train_split, test_split = dataset.splits["train"], dataset.splits["test"]
+  steps_per_epoch = data.steps_per_epoch(len(train_split), config.batch_size)
   if steps_per_epoch == 0:
-    raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(train_images)} "
+    raise ConfigError(f"batch_size {config.batch_size} is larger than the {len(train_split)} "
                       f"training examples; lower --batch-size")
+  if train_split.streams and layout.is_primary:
+    print(f"Streaming {info.name}'s {len(train_split)} training images from disk "
+          f"({workers_of(config)} worker processes).", file=sys.stderr)
   total_steps = config.epochs * steps_per_epoch
   model, state = build_model(config, info, total_steps)
   print_layout(layout)
@@ -319,7 +322,7 @@ def _train_and_evaluate_locked(config: Config, workdir: Path, layout: parallel.L
   check_writable(workdir, create=True)
   checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
   if info.files and not resume_card and layout.is_primary:  # for eval to compare against
-    files_json = json.dumps(info.files)
+    files_json = data.folders.files_json(info.files)
     replace_atomically(workdir / data.folders.DATASET_FILES, lambda tmp: tmp.write_text(files_json))
   metrics_log = MetricsLog(workdir / "metrics.jsonl", writes=layout.is_primary)
   metrics_log.drop_after(last_saved or 0)
@@ -335,7 +338,7 @@ def _train_and_evaluate_locked(config: Config, workdir: Path, layout: parallel.L
   try:
     with StopRequests(multi_process=layout.num_processes > 1) as stop:
       state, latest_metrics = train_epochs(run, state, latest_metrics, pending, last_saved, stop,
-                                           (train_images, train_labels), (test_images, test_labels))
+                                           train_split, test_split)
     checkpoint.wait(manager, config.keep_checkpoints)
   except TrainingDiverged as e:
     _close_quietly(manager)  # the save in flight holds a good state: let it commit
@@ -353,6 +356,10 @@ def _train_and_evaluate_locked(config: Config, workdir: Path, layout: parallel.L
   run.say(f"Done: {config.model} on {config.dataset}, test accuracy "
         f"{latest_metrics['test']['accuracy']:.2%}; checkpoint {workdir}/{int(state.step)}")
   return state
+
+
+def workers_of(config: Config) -> int:
+  return data.default_workers() if config.workers is None else config.workers
 
 
 def _close_quietly(manager) -> None:
@@ -489,52 +496,57 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
   # A run resumed mid-epoch: that epoch's records already logged count in its printed summary.
   logged_before = [r for r in run.metrics_log.records()
                    if r["split"] == "train" and r["epoch"] == first_epoch + 1 and r["step"] <= step]
-  for epoch in range(first_epoch, config.epochs):
-    start_batch = step - epoch * steps_per_epoch
-    epoch_metrics = []
-    epoch_start = window_start = time.perf_counter()
-    bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
-               unit="step", leave=False, file=sys.stderr,
-               disable=not (sys.stderr.isatty() and layout.is_primary))  # tqdm's None misdetects ttys
-    stop_if_requested()
-    for images, labels in data.train_batches(*train_split, config.batch_size, config.seed, epoch,
-                                             start=start_batch, rows=rows):
-      images, labels = parallel.global_batch(layout, images, labels)
-      with run.profiler.step(step + 1):
-        state, step_metrics = step_fn(state, images, labels)
-      if layout.waits_for_each_step:
-        jax.block_until_ready(step_metrics)
-      step += 1
-      window.append(step_metrics)
-      bar.update()
-      if bar.n % 20 == 0 and not bar.disable:
-        recent = parallel.host_values(window[-20:])
-        bar.set_postfix(loss=f"{np.mean([m['loss'] for m in recent]):.4f}",
-                        acc=f"{np.mean([m['accuracy'] for m in recent]):.2%}",
-                        img_s=f"{(bar.format_dict['rate'] or 0) * config.batch_size:.0f}")
-      at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-      at_epoch_end = step % steps_per_epoch == 0
-      if step % config.log_every_steps == 0 or at_checkpoint or at_epoch_end:
-        flush_train_window()
-      if at_checkpoint and not at_epoch_end:
-        save_checkpoint()
-      if not at_epoch_end:
-        stop_if_requested()
-    bar.close()
-    train_seconds = time.perf_counter() - epoch_start
+  # One stream of batches for the rest of the run: streaming workers start once, not every epoch.
+  batches = data.train_batches(train_split, config.batch_size, config.seed, first_epoch,
+                               start=step - first_epoch * steps_per_epoch, rows=rows,
+                               workers=workers_of(config), epochs=config.epochs - first_epoch)
+  with contextlib.closing(batches):
+    for epoch in range(first_epoch, config.epochs):
+      start_batch = step - epoch * steps_per_epoch
+      epoch_metrics = []
+      epoch_start = window_start = time.perf_counter()
+      bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                 unit="step", leave=False, file=sys.stderr,
+                 disable=not (sys.stderr.isatty() and layout.is_primary))  # tqdm's None misdetects ttys
+      stop_if_requested()
+      for images, labels in itertools.islice(batches, steps_per_epoch - start_batch):
+        images, labels = parallel.global_batch(layout, images, labels)
+        with run.profiler.step(step + 1):
+          state, step_metrics = step_fn(state, images, labels)
+        if layout.waits_for_each_step:
+          jax.block_until_ready(step_metrics)
+        step += 1
+        window.append(step_metrics)
+        bar.update()
+        if bar.n % 20 == 0 and not bar.disable:
+          recent = parallel.host_values(window[-20:])
+          bar.set_postfix(loss=f"{np.mean([m['loss'] for m in recent]):.4f}",
+                          acc=f"{np.mean([m['accuracy'] for m in recent]):.2%}",
+                          img_s=f"{(bar.format_dict['rate'] or 0) * config.batch_size:.0f}")
+        at_checkpoint = config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+        at_epoch_end = step % steps_per_epoch == 0
+        if step % config.log_every_steps == 0 or at_checkpoint or at_epoch_end:
+          flush_train_window()
+        if at_checkpoint and not at_epoch_end:
+          save_checkpoint()
+        if not at_epoch_end:
+          stop_if_requested()
+      bar.close()
+      train_seconds = time.perf_counter() - epoch_start
 
-    test = evaluate(run.model, state.variables(), *test_split, config.eval_batch_size, layout=layout)
-    test_record = {"step": step, "epoch": epoch + 1, "split": "test", **test}
-    run.metrics_log.write(test_record)
-    latest_metrics["test"] = test_record
-    save_checkpoint()
-    if layout.is_primary:
-      draw_curves(run)
-    trained = (steps_per_epoch - start_batch) * config.batch_size
-    summary = epoch_summary(logged_before if epoch == first_epoch else [], epoch_metrics)
-    run.say(f"epoch {epoch + 1}/{config.epochs}  step {step}  "
-          f"train loss {summary['loss']:.4f} acc {summary['accuracy']:.2%}  "
-          f"test loss {test['loss']:.4f} acc {test['accuracy']:.2%}  "
-          f"{trained / train_seconds:.0f} img/s  {train_seconds:.1f} s", flush=True)
-    stop_if_requested()
+      test = evaluate(run.model, state.variables(), test_split, config.eval_batch_size, layout=layout,
+                      workers=workers_of(config))
+      test_record = {"step": step, "epoch": epoch + 1, "split": "test", **test}
+      run.metrics_log.write(test_record)
+      latest_metrics["test"] = test_record
+      save_checkpoint()
+      if layout.is_primary:
+        draw_curves(run)
+      trained = (steps_per_epoch - start_batch) * config.batch_size
+      summary = epoch_summary(logged_before if epoch == first_epoch else [], epoch_metrics)
+      run.say(f"epoch {epoch + 1}/{config.epochs}  step {step}  "
+            f"train loss {summary['loss']:.4f} acc {summary['accuracy']:.2%}  "
+            f"test loss {test['loss']:.4f} acc {test['accuracy']:.2%}  "
+            f"{trained / train_seconds:.0f} img/s  {train_seconds:.1f} s", flush=True)
+      stop_if_requested()
   return state, latest_metrics
