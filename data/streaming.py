@@ -32,16 +32,6 @@ def _absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-# How much less CPU priority workers get than the training process: they decode ahead into their
-# buffers on cycles the train step leaves idle, instead of taking its cores.
-WORKER_NICENESS = 10
-
-
-def _lower_priority(worker_index: int, num_workers: int) -> None:
-  del worker_index, num_workers
-  os.nice(WORKER_NICENESS)
-
-
 def batches(read_batch, numbers: range, workers: int, processes: bool = True):
   """Yields `read_batch(i)` for each i in `numbers`, in order, read by `workers` grain worker
   processes (`processes`) or threads. A DataError raised while reading comes out as itself."""
@@ -57,7 +47,7 @@ def batches(read_batch, numbers: range, workers: int, processes: bool = True):
     pipeline = grain.experimental.WithOptionsIterDataset(
         pipeline, grain.experimental.DatasetOptions(min_shm_size=SHARED_MEMORY_FROM_BYTES))
     pipeline = pipeline.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=WORKER_BUFFER_BATCHES), worker_init_fn=_lower_priority)
+        num_workers=workers, per_worker_buffer_size=WORKER_BUFFER_BATCHES))
   else:
     pipeline = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=max(1, workers), prefetch_buffer_size=max(2, 2 * workers)))
