@@ -32,6 +32,14 @@ def _absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _worker_start(worker_index: int, num_workers: int) -> None:
+  # A worker outlives a killed training process otherwise, holding its output pipes open.
+  from flaxzoo import runtime
+  runtime.die_with_parent()
+  if os.getppid() == 1:  # the parent died before the line above took effect
+    os._exit(1)
+
+
 def batches(read_batch, numbers: range, workers: int, processes: bool = True):
   """Yields `read_batch(i)` for each i in `numbers`, in order, read by `workers` grain worker
   processes (`processes`) or threads. A DataError raised while reading comes out as itself."""
@@ -47,7 +55,7 @@ def batches(read_batch, numbers: range, workers: int, processes: bool = True):
     pipeline = grain.experimental.WithOptionsIterDataset(
         pipeline, grain.experimental.DatasetOptions(min_shm_size=SHARED_MEMORY_FROM_BYTES))
     pipeline = pipeline.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=WORKER_BUFFER_BATCHES))
+        num_workers=workers, per_worker_buffer_size=WORKER_BUFFER_BATCHES), worker_init_fn=_worker_start)
   else:
     pipeline = dataset.to_iter_dataset(grain.ReadOptions(
         num_threads=max(1, workers), prefetch_buffer_size=max(2, 2 * workers)))

@@ -150,3 +150,13 @@ def enable_compilation_cache() -> Path | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+def die_with_parent() -> None:
+  """This process gets SIGKILL when its parent dies, even by kill -9 (Linux; elsewhere nothing):
+  for launched training processes and grain's data workers, which would otherwise live on."""
+  import signal
+  try:
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+from flaxzoo import runtime
 from flaxzoo.training.config import ConfigError
 
 COMMANDS = ("train", "finetune")
@@ -66,7 +67,7 @@ def launch(num_processes: int, argv: list[str], devices_per_process: int | None 
   env = child_environment(devices_per_process)
   # Own sessions: Ctrl-C reaches the launcher only. Killed with the launcher, even by kill -9.
   children = [subprocess.Popen(child_command(argv, port, num_processes, i), env=env,
-                               start_new_session=True, preexec_fn=_die_with_parent)
+                               start_new_session=True, preexec_fn=runtime.die_with_parent)
               for i in range(num_processes)]
 
   stop_requested = []
@@ -127,7 +128,7 @@ def supervise(process_id: int | None, workdir: str | None) -> int:
   exit status 3 here; any other exit is passed on as it is (a signal by the same signal)."""
   env = dict(os.environ, **{SUPERVISED_ENV: "1"})
   child = subprocess.Popen(sys.orig_argv, env=env, stderr=subprocess.PIPE, text=True, bufsize=1,
-                           preexec_fn=_die_with_parent)
+                           preexec_fn=runtime.die_with_parent)
 
   def forward(signum, frame):
     child.send_signal(signum)
@@ -165,10 +166,3 @@ def supervise(process_id: int | None, workdir: str | None) -> int:
   return code
 
 
-def _die_with_parent() -> None:
-  """The child gets SIGKILL when the supervising process dies (Linux; elsewhere nothing)."""
-  try:
-    import ctypes
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
