@@ -52,9 +52,6 @@ class ArraySource:
   def arrays(self) -> tuple[np.ndarray, np.ndarray]:
     return self.images, self.labels
 
-  def describe(self, index: int) -> str:
-    return f"example {index}"
-
 
 def as_source(split):
   """A source for `split`: a source already, or an `(images, labels)` pair of arrays."""
@@ -173,9 +170,6 @@ class FolderFiles(_StreamingSource):
 
   def path(self, index: int) -> Path:
     return Path(self.root) / self.paths[index].decode()
-
-  def describe(self, index: int) -> str:
-    return str(self.path(index))
 
   def read(self, indices) -> tuple[np.ndarray, np.ndarray]:
     images = np.empty((len(indices), *self.image_shape), np.uint8)

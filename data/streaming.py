@@ -8,8 +8,6 @@ so the batches do not depend on the number of workers either.
 
 import os
 
-import numpy as np
-
 from flaxzoo.data.types import DataError
 
 # Batches each worker process decodes ahead of the one in use (grain's per-worker buffer).
@@ -83,9 +81,3 @@ def _data_error_in(error: BaseException) -> DataError | None:
     seen.add(id(error))
     error = error.__cause__ or error.__context__
   return None
-
-
-def sorted_batch_rows(order: np.ndarray, number: int, batch_size: int, rows: slice) -> np.ndarray:
-  """The example indices of batch `number` of an epoch whose order is `order`; sorted (reads in
-  file order, and a faster gather in memory), then this process's `rows` of them."""
-  return np.sort(order[number * batch_size:(number + 1) * batch_size])[rows]
