@@ -2,8 +2,11 @@
 a printed summary, and, when asked (`--csv PATH`), one appended CSV row (the project's own runs go
 to `results/bench.csv`)."""
 
+import collections
+import contextlib
 import csv
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -41,6 +44,7 @@ CSV_COLUMNS = [
     "torch_script_test_accuracy", "time_to_99_ratio_torch_over_jax",
     "jax_fast_cached_seconds_to_99", "jax_eval_pct_of_matmul_peak",
     "torch_eager_eval_pct_of_matmul_peak", "torch_compile_eval_pct_of_matmul_peak",
+    "streaming_ratio",
 ]
 
 
@@ -76,10 +80,8 @@ def batch_size_sweep(model_name: str, frameworks, repeats: int, log) -> dict:
   return sweep
 
 
-def real_batches_rate(runner, train_split, batch_size: int, steps: int, epoch: int) -> float:
-  """img/s of `steps` train steps fed by the real input path (`data.train_batches`)."""
-  batches = data.train_batches(train_split, batch_size, seed=0, epoch=epoch)
-
+def batches_rate(runner, batches, batch_size: int, steps: int) -> float:
+  """img/s of `steps` train steps fed from `batches`, an iterator of (images, labels)."""
   def work():
     state = runner.state
     for _, (images, labels) in zip(range(steps), batches):
@@ -90,6 +92,12 @@ def real_batches_rate(runner, train_split, batch_size: int, steps: int, epoch: i
   return steps * batch_size / bench.timed(work)
 
 
+def real_batches_rate(runner, train_split, batch_size: int, steps: int, epoch: int) -> float:
+  """img/s of `steps` train steps fed by the real input path (`data.train_batches`)."""
+  return batches_rate(runner, data.train_batches(train_split, batch_size, seed=0, epoch=epoch),
+                      batch_size, steps)
+
+
 def warm_jax_runner(model_name: str, batch_size: int) -> bench.JaxRunner:
   """A JaxRunner whose train step is compiled (the input-path figures time steps only)."""
   runner = bench.JaxRunner(model_name, batch_size, 100_000)
@@ -98,22 +106,37 @@ def warm_jax_runner(model_name: str, batch_size: int) -> bench.JaxRunner:
 
 
 def real_data_figures(runner: bench.JaxRunner, repeats: int, manual_dir, log) -> dict:
-  """Real-data input path against a fixed synthetic batch (interleaved chunks of steps), and the
-  cost of one checkpoint save (written and waited for) as a share of one epoch's training."""
+  """The input paths against a fixed synthetic batch (interleaved chunks of steps): real MNIST in
+  memory, and streamed from its tfds ArrayRecord files by the default number of grain worker
+  processes (one stream for all chunks: the workers' start is not timed); and the cost of one
+  checkpoint save (written and waited for) as a share of one epoch's training."""
   train_split, _ = load_mnist(manual_dir)
+  streamed_split = data.load_dataset("mnist", manual_dir=mnist_manual_dir(manual_dir),
+                                     splits=("train",), streaming="on").splits["train"]
   batch_size = runner.config.batch_size
   images, labels = bench.synthetic_batch(batch_size)
   steps = 50
+  workers = data.default_workers()
+  stream = data.train_batches(streamed_split, batch_size, seed=0, epoch=0, workers=workers, epochs=1000)
   measure = {"real": lambda epoch: real_batches_rate(runner, train_split, batch_size, steps, epoch),
+             "streaming": lambda epoch: batches_rate(runner, stream, batch_size, steps),
              "synthetic": lambda epoch: steps * batch_size / bench.timed(
                  lambda: runner.train_steps(images, labels, steps))}
-  for name in measure:  # warm-up, untimed: the first chunk of either path runs slower
-    measure[name](0)
-  rates = {name: [] for name in measure}
-  for repeat in range(repeats):  # alternating which goes first, so that drift favours neither
-    for name in (("real", "synthetic") if repeat % 2 == 0 else ("synthetic", "real")):
-      rates[name].append(measure[name](repeat + 1))
+  with contextlib.closing(stream):
+    for name in measure:  # warm-up, untimed: the first chunk of each path runs slower
+      measure[name](0)
+    rates = {name: [] for name in measure}
+    for repeat in range(repeats):  # rotating which goes first, so that drift favours none
+      names = list(measure)
+      for name in names[repeat % 3:] + names[:repeat % 3]:
+        rates[name].append(measure[name](repeat + 1))
+    # The stream alone, no training: how far ahead of the step the workers can run given a core.
+    loader_steps = 200
+    loader_rate = statistics.median(
+        loader_steps * batch_size / bench.timed(lambda: collections.deque(
+            itertools.islice(stream, loader_steps), maxlen=0)) for _ in range(3))
   real_rate, synthetic_rate = statistics.median(rates["real"]), statistics.median(rates["synthetic"])
+  streaming_rate = statistics.median(rates["streaming"])
   epoch_seconds = len(train_split[0]) / real_rate
 
   saves = []
@@ -128,11 +151,17 @@ def real_data_figures(runner: bench.JaxRunner, repeats: int, manual_dir, log) ->
     manager.close()
   save_seconds = statistics.median(saves)
   result = {"real_data_img_s": real_rate, "synthetic_img_s": synthetic_rate,
-            "real_data_ratio": real_rate / synthetic_rate, "checkpoint_save_s": save_seconds,
-            "epoch_train_s": epoch_seconds, "checkpoint_cost_pct": 100 * save_seconds / epoch_seconds}
+            "real_data_ratio": real_rate / synthetic_rate, "streaming_img_s": streaming_rate,
+            "streaming_workers": workers, "streaming_ratio": streaming_rate / real_rate,
+            "streaming_loader_img_s": loader_rate,
+            "checkpoint_save_s": save_seconds, "epoch_train_s": epoch_seconds,
+            "checkpoint_cost_pct": 100 * save_seconds / epoch_seconds}
   log(f"  real-data input path {real_rate:,.0f} img/s vs synthetic {synthetic_rate:,.0f} "
       f"({result['real_data_ratio']:.3f}x); one checkpoint save {save_seconds * 1e3:.0f} ms = "
       f"{result['checkpoint_cost_pct']:.2f}% of a {epoch_seconds:.1f} s epoch")
+  log(f"  streamed from ArrayRecord ({workers} worker process{'es' if workers > 1 else ''}) "
+      f"{streaming_rate:,.0f} img/s = {result['streaming_ratio']:.3f}x the in-memory path; the "
+      f"stream alone, not training, {loader_rate:,.0f} img/s")
   return result
 
 

@@ -38,7 +38,7 @@ def default_data_dir() -> str:
   return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or constants.DATA_DIR)
 
 
-def _builder_class(name: str):
+def _builder_class(name: str, data_dir: str | None = None):
   tfds = _tfds()
   try:
     return tfds.builder_cls(name)
@@ -46,7 +46,9 @@ def _builder_class(name: str):
     import difflib
     close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
-    raise DataError(f"unknown dataset {name!r}: tensorflow-datasets has no builder by that name.{hint}") from e
+    where = f", and none is prepared in {data_dir}" if data_dir else ""
+    raise DataError(f"unknown dataset {name!r}: tensorflow-datasets has no builder by that "
+                    f"name{where}.{hint}") from e
 
 
 def raw_files(name: str) -> dict[str, tuple[str, str]]:
@@ -102,15 +104,20 @@ def _builder(name: str, data_dir: str):
 
 
 def is_prepared(name: str, data_dir: str) -> bool:
-  return _builder(name, data_dir).is_prepared()
+  """Whether `name` is prepared in `data_dir`: a tfds dataset, or one that a builder not registered
+  here (a user's own) prepared there, which tfds reads from its files alone."""
+  try:
+    return _builder(name, data_dir).is_prepared()
+  except _tfds().core.registered.DatasetNotFoundError:
+    return False
 
 
 def prepare(name: str, data_dir: str | None = None, manual_dir: str | None = None) -> None:
   """Makes sure `name` is prepared in `data_dir`; raises DataError saying how to fix it if not."""
   data_dir = data_dir or default_data_dir()
-  _builder_class(name)  # unknown names fail here, before anything is written
   if is_prepared(name, data_dir):
     return
+  _builder_class(name, data_dir)  # unknown names fail here, before anything is written
   local_dir, source = resolve_manual_dir(name, manual_dir)
   has_local = local_dir is not None and check_manual_files(name, local_dir, source)
   if not has_local:

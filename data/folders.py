@@ -41,24 +41,26 @@ DATASET_FILES = "dataset-files.json"  # in a workdir: an image folder's files at
 HOLD_OUT_RULE = "sha256('<path relative to its class folder>') / 2**256 < test_fraction"
 
 
-def _visible(path: Path) -> bool:
-  return not path.name.startswith(".") and path.name not in IGNORED_NAMES
+def _visible(name: str) -> bool:
+  return not name.startswith(".") and name not in IGNORED_NAMES
 
 
 def _class_folders(where: Path) -> list[Path]:
-  return sorted((p for p in where.iterdir() if p.is_dir() and _visible(p)), key=lambda p: p.name)
+  return sorted((p for p in where.iterdir() if p.is_dir() and _visible(p.name)), key=lambda p: p.name)
 
 
 def _images_in(class_folder: Path) -> list[str]:
   """Image files anywhere below a class folder (nested folders belong to the class), as paths
   relative to it, sorted; hidden files and folders are skipped."""
   found = []
-  for dirpath, dirnames, filenames in os.walk(class_folder):
-    dirnames[:] = sorted(d for d in dirnames if _visible(Path(d)))
-    for name in filenames:
-      if _visible(Path(name)) and name.lower().endswith(image_lib.IMAGE_SUFFIXES):
-        found.append(str((Path(dirpath) / name).relative_to(class_folder)))
-  return sorted(found)
+  for dirpath, dirnames, filenames in os.walk(class_folder):  # strings, not Paths: 10x faster
+    dirnames[:] = sorted(d for d in dirnames if _visible(d))
+    relative = os.path.relpath(dirpath, class_folder)
+    prefix = "" if relative == "." else relative + os.sep
+    found.extend(prefix + name for name in filenames
+                 if _visible(name) and name.lower().endswith(image_lib.IMAGE_SUFFIXES))
+  found.sort()
+  return found
 
 
 def _compact(paths: list[str]) -> np.ndarray:
@@ -189,9 +191,17 @@ def load_folder_dataset(name: str, image_shape=None, test_fraction: float = 0.2,
   return Dataset(info, split_sources)
 
 
-def files_json(files: dict) -> str:
-  """`DatasetInfo.files` (bytes arrays) as the JSON of WORKDIR/dataset-files.json."""
-  return json.dumps({split: [p.decode() for p in paths] for split, paths in files.items()})
+def write_files_json(path: Path, files: dict) -> None:
+  """Writes `DatasetInfo.files` (bytes arrays) to `path` as the JSON of WORKDIR/dataset-files.json,
+  a path at a time: a million paths never sit in memory as Python strings or as one JSON text."""
+  with open(path, "w") as out:
+    out.write("{")
+    for n, (split, paths) in enumerate(files.items()):
+      out.write(f"{', ' if n else ''}{json.dumps(split)}: [")
+      for i, relative in enumerate(paths):
+        out.write(f"{', ' if i else ''}{json.dumps(relative.decode())}")
+      out.write("]")
+    out.write("}")
 
 
 def folder_changes(recorded: dict, now: dict) -> dict:

@@ -74,7 +74,7 @@ class _EvalBatch:
   def __call__(self, number: int):
     start = number * self.batch_size
     stop = min(start + self.batch_size, len(self.source))
-    images, labels = self.source.read(np.arange(start, stop) if self.source.streams else slice(start, stop))
+    images, labels = self.source.read(np.arange(start, stop))
     pad = self.batch_size - (stop - start)
     mask = np.ones(self.batch_size, np.float32)
     if pad:

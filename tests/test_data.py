@@ -1,3 +1,4 @@
+import json
 import socket
 from pathlib import Path
 
@@ -216,6 +217,15 @@ def test_folder_changes_count_new_and_gone_files():
   now = {"train": ["a/1.png", "a/3.png", "a/4.png"], "test": []}
   assert folders.folder_changes(recorded, now) == {"train": {"new": 2, "gone": 1},
                                                    "test": {"new": 0, "gone": 1}}
+
+
+def test_the_files_json_is_the_folder_listing(tmp_path):
+  from flaxzoo.data import folders
+  files = {"train": np.array(['a/1.png', 'b/"x".png', 'b/ü.png'.encode()], dtype=bytes),
+           "test": np.array([], "S1")}
+  folders.write_files_json(tmp_path / "files.json", files)
+  assert json.loads((tmp_path / "files.json").read_text()) == {
+      "train": ["a/1.png", 'b/"x".png', "b/ü.png"], "test": []}
 
 
 def test_an_image_too_large_in_a_training_folder_is_one_line(tmp_path):

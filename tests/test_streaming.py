@@ -91,3 +91,34 @@ def test_a_file_that_fails_mid_stream_is_one_line_and_keeps_the_checkpoints(tmp_
   assert line.startswith("flaxzoo: error: ") and str(bad) in line and "train step 3" in line, line
   from flaxzoo.training import checkpoint
   assert checkpoint.saved_steps(workdir) == [1, 2]
+
+
+def test_a_users_own_tfds_dataset_prepared_in_the_data_dir_streams_by_name(tmp_path, mnist_data_dir):
+  """scripts/make_mnist_10x.py prepares MNIST x2 through its own tfds builder; flaxzoo reads it
+  from the data dir by name, without that builder class."""
+  import importlib.util
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+  data_dir = str(tmp_path / "tfds")
+  script = ROOT / "scripts" / "make_mnist_10x.py"
+  done = subprocess.run([sys.executable, str(script), "--tfds", data_dir, "--copies", "2", "--examples",
+                         "150", "--name", "mnist_tiny2x", "--data-dir", mnist_data_dir],
+                        capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  streamed = data.load_dataset("mnist_tiny2x", data_dir, streaming="on")
+  assert streamed.info.num_examples == {"train": 300, "test": 150}
+  assert streamed.info.image_shape == (28, 28, 1)
+  spec = importlib.util.spec_from_file_location("make_mnist_10x", script)
+  maker = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(maker)
+  mnist = data.load_dataset("mnist", mnist_data_dir, limits={"train": 150})
+  images, labels = mnist.splits["train"].arrays()
+  rows, columns = maker.SHIFTS[1]
+  expected = sorted((image.tobytes(), int(label)) for copy in (images, maker.shifted(images, rows, columns))
+                    for image, label in zip(copy, labels))
+  got_images, got_labels = streamed.splits["train"].read(np.arange(300))
+  assert sorted((image.tobytes(), int(label)) for image, label in zip(got_images, got_labels)) == expected
+  with pytest.raises(data.DataError, match="no builder by that name, and none is prepared in"):
+    data.load_dataset("mnist_tiny3x", data_dir)

@@ -322,8 +322,8 @@ def _train_and_evaluate_locked(config: Config, workdir: Path, layout: parallel.L
   check_writable(workdir, create=True)
   checkpoint.check_free_space(workdir, state, config.keep_checkpoints)
   if info.files and not resume_card and layout.is_primary:  # for eval to compare against
-    files_json = data.folders.files_json(info.files)
-    replace_atomically(workdir / data.folders.DATASET_FILES, lambda tmp: tmp.write_text(files_json))
+    replace_atomically(workdir / data.folders.DATASET_FILES,
+                       lambda tmp: data.folders.write_files_json(tmp, info.files))
   metrics_log = MetricsLog(workdir / "metrics.jsonl", writes=layout.is_primary)
   metrics_log.drop_after(last_saved or 0)
   resumed_from = last_saved

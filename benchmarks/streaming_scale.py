@@ -1,0 +1,157 @@
+"""Memory and epoch time of streamed training against dataset size (docs/streaming.md).
+
+  python -m flaxzoo.benchmarks.streaming_scale mnist mnist10x mnist \\
+      folder:/tmp/mnist1x folder:/tmp/mnist10x folder:/tmp/mnist1x --data-dir /tmp/tfds
+
+Each dataset trains the ConvNet (`flaxzoo train --streaming on`, a fresh workdir) in its own
+process, one after the other; while it runs, its memory is sampled every 50 ms. Printed per run:
+the training process's peak RSS (the kernel's high-water mark, VmHWM), the peak of the RSS summed
+over it and its worker processes (shared pages counted in each) and of its anonymous part (no
+pages of mapped files), the last epoch's time and img/s as the trainer printed them, and the share
+of CPU time the hypervisor took (steal). Then each run against the reference of its kind (the
+first tfds dataset, the first folder; the mean of its runs): RSS ratio, and the epoch time ratio
+over the size ratio (1.0: epoch time exactly linear in size).
+"""
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from flaxzoo.benchmarks import machine
+
+EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+\s+step (\d+)\s.*?([\d.]+) img/s\s+([\d.]+) s$")
+TRAINING_IMAGES_LINE = re.compile(r"Streaming \S+ (\d+) training images")
+SAMPLE_SECONDS = 0.05
+
+
+def status_bytes(pid: int, field: str) -> int:
+  """A memory figure of /proc/PID/status (VmHWM, RssAnon, ...) in bytes; 0 once the process is gone."""
+  try:
+    with open(f"/proc/{pid}/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 0
+
+
+def cpu_times() -> list[int]:
+  """The machine's CPU time counters (/proc/stat: user ... steal), in ticks."""
+  with open("/proc/stat") as f:
+    return [int(x) for x in f.readline().split()[1:9]]
+
+
+def steal_share(before: list[int], after: list[int]) -> float:
+  """Share of the CPU time between two readings that the hypervisor gave to other machines: a
+  virtual machine's timings are only comparable at similar shares."""
+  spent = [b - a for a, b in zip(before, after)]
+  return spent[7] / max(1, sum(spent))
+
+
+def tree_memory(process: psutil.Process) -> tuple[int, int]:
+  """Resident bytes summed over `process` and its descendants: all of it, and the anonymous part
+  (without pages of mapped files, such as ArrayRecord files read through mmap, which the kernel
+  can drop)."""
+  total = anonymous = 0
+  for p in [process, *process.children(recursive=True)]:
+    total += status_bytes(p.pid, "VmRSS")
+    anonymous += status_bytes(p.pid, "RssAnon")
+  return total, anonymous
+
+
+def measured_run(dataset: str, workdir: Path, epochs: int, extra: list[str]) -> dict:
+  """Trains on `dataset` in a child process; its memory peaks and epoch figures."""
+  command = [sys.executable, "-m", "flaxzoo.training", "train", "--dataset", dataset, "--workdir", str(workdir),
+             "--epochs", str(epochs), "--streaming", "on", *extra]
+  with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    child = subprocess.Popen(command, stdout=out, stderr=err, text=True)
+    process = psutil.Process(child.pid)
+    main_peak = tree_peak = tree_anonymous_peak = 0
+    start, ticks = time.perf_counter(), cpu_times()
+    while child.poll() is None:
+      main_peak = max(main_peak, status_bytes(child.pid, "VmHWM"))
+      total, anonymous = tree_memory(process)
+      tree_peak, tree_anonymous_peak = max(tree_peak, total), max(tree_anonymous_peak, anonymous)
+      time.sleep(SAMPLE_SECONDS)
+    seconds, steal = time.perf_counter() - start, steal_share(ticks, cpu_times())
+    out.seek(0)
+    err.seek(0)
+    stdout, stderr = out.read(), err.read()
+  if child.returncode != 0:
+    raise SystemExit(f"streaming_scale: {' '.join(command)} failed ({child.returncode}):\n{stderr[-2000:]}")
+  epoch_lines = [m.groups() for m in map(EPOCH_LINE.match, stdout.splitlines()) if m]
+  images = TRAINING_IMAGES_LINE.search(stderr)
+  _, step, img_s, epoch_s = epoch_lines[-1]
+  return {"dataset": dataset, "train_images": int(images.group(1)) if images else None,
+          "steps": int(step), "main_peak_rss_mb": main_peak / 2**20, "tree_peak_rss_mb": tree_peak / 2**20,
+          "tree_peak_anonymous_mb": tree_anonymous_peak / 2**20,
+          "last_epoch_s": float(epoch_s), "last_epoch_img_s": float(img_s), "run_s": seconds, "cpu_steal": steal}
+
+
+def kind(dataset: str) -> str:
+  return "folder" if dataset.startswith("folder:") else "tfds"
+
+
+def compare(runs: list[dict], log) -> None:
+  """Adds to each run its ratios against the reference of its kind (the first tfds dataset, the
+  first folder), taken as the mean of every run of the reference: running it before and after
+  the large one evens out a machine whose speed drifts."""
+  references = {}
+  for run in runs:
+    references.setdefault(kind(run["dataset"]), run["dataset"])
+  keys = ("train_images", "main_peak_rss_mb", "tree_peak_rss_mb", "tree_peak_anonymous_mb", "last_epoch_s")
+  for run in runs:
+    name = references[kind(run["dataset"])]
+    if run["dataset"] == name:
+      continue
+    same = [r for r in runs if r["dataset"] == name]
+    reference = {key: sum(r[key] for r in same) / len(same) for key in keys}
+    size_ratio = run["train_images"] / reference["train_images"]
+    run["rss_ratio"] = run["main_peak_rss_mb"] / reference["main_peak_rss_mb"]
+    run["tree_rss_ratio"] = run["tree_peak_rss_mb"] / reference["tree_peak_rss_mb"]
+    run["tree_anonymous_ratio"] = run["tree_peak_anonymous_mb"] / reference["tree_peak_anonymous_mb"]
+    run["epoch_time_over_size_ratio"] = run["last_epoch_s"] / reference["last_epoch_s"] / size_ratio
+    log(f"{run['dataset']} vs {name} ({len(same)} run{'s' if len(same) > 1 else ''}): {size_ratio:.1f}x "
+        f"the images; peak RSS {run['rss_ratio']:.3f}x (with workers {run['tree_rss_ratio']:.3f}x, "
+        f"their anonymous memory {run['tree_anonymous_ratio']:.3f}x); epoch time "
+        f"{run['epoch_time_over_size_ratio']:.3f}x linear")
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("datasets", nargs="+", help="tfds names or folder:PATH; the first of each "
+                      "kind is the reference (give it again after the others to even out drift)")
+  parser.add_argument("--epochs", type=int, default=2, help="per run; the last epoch is timed (2)")
+  parser.add_argument("--workers", type=int, help="streaming worker processes (default: train's)")
+  parser.add_argument("--data-dir", help="tfds data dir holding the datasets")
+  parser.add_argument("--json", action="store_true", help="last line of stdout: one JSON list")
+  args = parser.parse_args(argv)
+  extra = (["--data-dir", args.data_dir] if args.data_dir else []) + \
+          (["--workers", str(args.workers)] if args.workers is not None else [])
+  print(machine.machine_line(), flush=True)
+  runs = []
+  with tempfile.TemporaryDirectory() as root:
+    for number, dataset in enumerate(args.datasets):
+      runs.append(measured_run(dataset, Path(root) / str(number), args.epochs, extra))
+      run = runs[-1]
+      print(f"{dataset}: {run['train_images']:,} training images, {run['steps']:,} steps; peak RSS "
+            f"{run['main_peak_rss_mb']:,.0f} MB (training process), {run['tree_peak_rss_mb']:,.0f} MB "
+            f"(with workers; {run['tree_peak_anonymous_mb']:,.0f} MB anonymous); "
+            f"epoch {args.epochs}: {run['last_epoch_s']:.1f} s, "
+            f"{run['last_epoch_img_s']:,.0f} img/s; CPU steal {run['cpu_steal']:.0%}", flush=True)
+  compare(runs, print)
+  if args.json:
+    print(json.dumps(runs))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
