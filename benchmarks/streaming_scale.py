@@ -11,11 +11,17 @@ pages of mapped files), the last epoch's time and img/s as the trainer printed t
 of CPU time the hypervisor took (steal). Then each run against the reference of its kind (the
 first tfds dataset, the first folder; the mean of its runs): RSS ratio, and the epoch time ratio
 over the size ratio (1.0: epoch time exactly linear in size).
+
+Runs minutes apart on a virtual machine see different shares of its CPU (steal), so last, in this
+one process, the datasets' streams feed one compiled train step in turns (`--turns`): the ratio
+of their img/s is the per-image cost, the same figure free of that drift.
 """
 
 import argparse
+import contextlib
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +35,7 @@ from flaxzoo.benchmarks import machine
 EPOCH_LINE = re.compile(r"^epoch (\d+)/\d+\s+step (\d+)\s.*?([\d.]+) img/s\s+([\d.]+) s$")
 TRAINING_IMAGES_LINE = re.compile(r"Streaming \S+ (\d+) training images")
 SAMPLE_SECONDS = 0.05
+BATCH_SIZE = 128  # flaxzoo train's default
 
 
 def status_bytes(pid: int, field: str) -> int:
@@ -89,8 +96,11 @@ def measured_run(dataset: str, workdir: Path, epochs: int, extra: list[str]) -> 
     raise SystemExit(f"streaming_scale: {' '.join(command)} failed ({child.returncode}):\n{stderr[-2000:]}")
   epoch_lines = [m.groups() for m in map(EPOCH_LINE.match, stdout.splitlines()) if m]
   images = TRAINING_IMAGES_LINE.search(stderr)
+  if not (epoch_lines and images):
+    raise SystemExit(f"streaming_scale: {' '.join(command)} printed no epoch line or no streaming line; "
+                     f"has the trainer's output changed? (EPOCH_LINE, TRAINING_IMAGES_LINE)")
   _, step, img_s, epoch_s = epoch_lines[-1]
-  return {"dataset": dataset, "train_images": int(images.group(1)) if images else None,
+  return {"dataset": dataset, "train_images": int(images.group(1)),
           "steps": int(step), "main_peak_rss_mb": main_peak / 2**20, "tree_peak_rss_mb": tree_peak / 2**20,
           "tree_peak_anonymous_mb": tree_anonymous_peak / 2**20,
           "last_epoch_s": float(epoch_s), "last_epoch_img_s": float(img_s), "run_s": seconds, "cpu_steal": steal}
@@ -125,6 +135,42 @@ def compare(runs: list[dict], log) -> None:
         f"{run['epoch_time_over_size_ratio']:.3f}x linear")
 
 
+def interleaved_rates(datasets: list[str], data_dir, workers, steps: int, repeats: int, log) -> dict:
+  """Train img/s fed by each dataset's stream in this one process, the datasets taking turns in
+  chunks of `steps` (the step compiled and every stream started and warmed, untimed): the
+  per-image cost of each, free of the drift between runs minutes apart (on a virtual machine,
+  other machines' load). Medians of `repeats` turns."""
+  from flaxzoo import data
+  from flaxzoo.benchmarks import report
+  runner = report.warm_jax_runner("convnet", BATCH_SIZE)
+  workers = data.default_workers() if workers is None else workers
+  names = list(dict.fromkeys(datasets))
+  with contextlib.ExitStack() as stack:
+    streams = {}
+    for name in names:
+      split = data.load_dataset(name, data_dir, splits=("train",), streaming="on").splits["train"]
+      streams[name] = stack.enter_context(contextlib.closing(data.train_batches(
+          split, BATCH_SIZE, seed=0, epoch=0, workers=workers, epochs=2)))
+      report.batches_rate(runner, streams[name], BATCH_SIZE, steps)  # warm-up, untimed
+    rates = {name: [] for name in names}
+    for repeat in range(repeats):
+      for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+        rates[name].append(report.batches_rate(runner, streams[name], BATCH_SIZE, steps))
+  medians = {name: statistics.median(values) for name, values in rates.items()}
+  log(f"in one process, taking turns ({repeats} x {steps} steps each, {workers} worker "
+      f"process{'es' if workers > 1 else ''} per stream): " +
+      ", ".join(f"{name} {rate:,.0f} img/s" for name, rate in medians.items()))
+  references = {}
+  for name in names:
+    references.setdefault(kind(name), name)
+  for name in names:
+    reference = references[kind(name)]
+    if name != reference:
+      log(f"  {name} vs {reference}: per-image time {medians[reference] / medians[name]:.3f}x "
+          f"(1.0: epoch time exactly linear in size)")
+  return medians
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("datasets", nargs="+", help="tfds names or folder:PATH; the first of each "
@@ -132,7 +178,10 @@ def main(argv=None) -> int:
   parser.add_argument("--epochs", type=int, default=2, help="per run; the last epoch is timed (2)")
   parser.add_argument("--workers", type=int, help="streaming worker processes (default: train's)")
   parser.add_argument("--data-dir", help="tfds data dir holding the datasets")
-  parser.add_argument("--json", action="store_true", help="last line of stdout: one JSON list")
+  parser.add_argument("--turns", type=int, default=7, help="turns per dataset of the in-process "
+                      "comparison (7; 0 skips it)")
+  parser.add_argument("--turn-steps", type=int, default=50, help="train steps per turn (50)")
+  parser.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
   args = parser.parse_args(argv)
   extra = (["--data-dir", args.data_dir] if args.data_dir else []) + \
           (["--workers", str(args.workers)] if args.workers is not None else [])
@@ -148,8 +197,10 @@ def main(argv=None) -> int:
             f"epoch {args.epochs}: {run['last_epoch_s']:.1f} s, "
             f"{run['last_epoch_img_s']:,.0f} img/s; CPU steal {run['cpu_steal']:.0%}", flush=True)
   compare(runs, print)
+  rates = interleaved_rates(args.datasets, args.data_dir, args.workers, args.turn_steps, args.turns,
+                            print) if args.turns else {}
   if args.json:
-    print(json.dumps(runs))
+    print(json.dumps({"runs": runs, "interleaved_img_s": rates}))
   return 0
 
 

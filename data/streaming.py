@@ -36,6 +36,7 @@ def _worker_start(worker_index: int, num_workers: int) -> None:
   runtime.die_with_parent()
   if os.getppid() == 1:  # the parent died before the line above took effect
     os._exit(1)
+  runtime.one_malloc_arena()
 
 
 def batches(read_batch, numbers: range, workers: int, processes: bool = True):

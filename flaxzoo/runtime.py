@@ -88,6 +88,21 @@ def _keep_large_blocks_on_the_heap() -> None:
   mallopt(m_trim_threshold, 2**31 - 1)
 
 
+def one_malloc_arena() -> None:
+  """Makes glibc serve all of this process's threads from one heap (M_ARENA_MAX 1), for flaxzoo's
+  streaming worker processes: the ArrayRecord reader's threads each took an arena of their own
+  and held on to its memory (docs/streaming.md). MALLOC_ARENA_MAX or glibc.malloc.arena_max in
+  GLIBC_TUNABLES, if set, win."""
+  if "MALLOC_ARENA_MAX" in os.environ or "glibc.malloc.arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+    return
+  try:
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):  # not glibc
+    return
+  m_arena_max = -8  # from glibc's malloc.h
+  mallopt(m_arena_max, 1)
+
+
 def xla_started() -> bool:
   """Whether this process already created XLA's clients (XLA_FLAGS is read only then)."""
   if "jax" not in sys.modules:
