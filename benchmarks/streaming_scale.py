@@ -175,7 +175,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("datasets", nargs="+", help="tfds names or folder:PATH; the first of each "
                       "kind is the reference (give it again after the others to even out drift)")
-  parser.add_argument("--epochs", type=int, default=2, help="per run; the last epoch is timed (2)")
+  parser.add_argument("--epochs", type=int, default=2, help="per run; the last epoch is timed (2; 0: no "
+                      "training runs, only the turns)")
   parser.add_argument("--workers", type=int, help="streaming worker processes (default: train's)")
   parser.add_argument("--data-dir", help="tfds data dir holding the datasets")
   parser.add_argument("--turns", type=int, default=7, help="turns per dataset of the in-process "
@@ -188,7 +189,7 @@ def main(argv=None) -> int:
   print(machine.machine_line(), flush=True)
   runs = []
   with tempfile.TemporaryDirectory() as root:
-    for number, dataset in enumerate(args.datasets):
+    for number, dataset in enumerate(args.datasets if args.epochs > 0 else []):
       runs.append(measured_run(dataset, Path(root) / str(number), args.epochs, extra))
       run = runs[-1]
       print(f"{dataset}: {run['train_images']:,} training images, {run['steps']:,} steps; peak RSS "

@@ -68,9 +68,38 @@ def batches(read_batch, numbers: range, workers: int, processes: bool = True):
       raise
     raise found from None  # the worker's own one-line message, not grain's wrapping
   finally:
+    _stop_workers(iterator)
     close = getattr(iterator, "close", None)
     if close:
       close()
+
+
+def _stop_workers(iterator) -> None:
+  """Kills the worker processes under `iterator` and marks them stopped, so that its `close` has
+  no worker left to wait for. grain's own stop (0.2.18) drains each worker's queue first and hung
+  there for good when a worker had filled it: a run stopped by SIGTERM mid-epoch never exited.
+  A worker holds nothing to save."""
+  for prefetcher in _process_prefetchers(iterator):
+    process = prefetcher._prefetch_process
+    process.kill()
+    process.join()
+    prefetcher._prefetch_process = None
+
+
+def _process_prefetchers(node, depth: int = 0, seen: set | None = None) -> list:
+  """grain's per-worker iterators (those holding a `_prefetch_process`) below `node`."""
+  import multiprocessing
+  seen = set() if seen is None else seen
+  if depth > 12 or id(node) in seen:
+    return []
+  seen.add(id(node))
+  if isinstance(getattr(node, "_prefetch_process", None), multiprocessing.process.BaseProcess):
+    return [node]
+  found = []
+  for value in getattr(node, "__dict__", {}).values():
+    for item in (value if isinstance(value, (list, tuple)) else [value]):
+      found += _process_prefetchers(item, depth + 1, seen)
+  return found
 
 
 def _data_error_in(error: BaseException) -> DataError | None:

@@ -144,12 +144,16 @@ def test_every_kind_of_run_resumes_bit_for_bit_after_sigkill(kind, tmp_path, mni
 def test_a_streaming_run_killed_mid_epoch_resumes_to_the_in_memory_run(tmp_path, mnist_data_dir,
                                                                        uninterrupted):
   """Batches read by grain worker processes from the ArrayRecord files: killed (workers and all)
-  mid-epoch and after a save, each resume ends bit-identical to the uninterrupted in-memory run."""
+  mid-epoch, stopped by SIGTERM with its worker's queue full (grain's own stop hung there), and
+  killed after a save; each resume ends bit-identical to the uninterrupted in-memory run."""
   workdir = tmp_path / "streamed"
   streaming = ["--streaming", "on", "--workers", "1"]
-  for step in (6, 17):
-    result = attempt(workdir, mnist_data_dir, "--kill-at-step", step, extra=streaming)
-    assert result.returncode == -signal.SIGKILL, result.stderr
+  result = attempt(workdir, mnist_data_dir, "--kill-at-step", 6, extra=streaming)
+  assert result.returncode == -signal.SIGKILL, result.stderr
+  result = attempt(workdir, mnist_data_dir, "--kill-at-step", 13, "--signal", "TERM", extra=streaming)
+  assert result.returncode == 143 and "SIGTERM: stopped at step 14" in result.stderr, result.stderr
+  result = attempt(workdir, mnist_data_dir, "--kill-at-step", 17, extra=streaming)
+  assert result.returncode == -signal.SIGKILL, result.stderr
   result = attempt(workdir, mnist_data_dir, extra=streaming)
   assert result.returncode == 0 and "from step 16" in result.stderr, result.stderr
   assert "Streaming mnist's 640 training images" in result.stderr
