@@ -98,6 +98,17 @@ def real_batches_rate(runner, train_split, batch_size: int, steps: int, epoch: i
                       batch_size, steps)
 
 
+def taking_turns(measure: dict, repeats: int) -> dict:
+  """{name: [measure[name](repeat + 1) for each repeat]}, the names taking turns in an order that
+  rotates from repeat to repeat, so that a machine's drift favours none."""
+  names = list(measure)
+  results = {name: [] for name in names}
+  for repeat in range(repeats):
+    for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+      results[name].append(measure[name](repeat + 1))
+  return results
+
+
 def warm_jax_runner(model_name: str, batch_size: int) -> bench.JaxRunner:
   """A JaxRunner whose train step is compiled (the input-path figures time steps only)."""
   runner = bench.JaxRunner(model_name, batch_size, 100_000)
@@ -125,11 +136,7 @@ def real_data_figures(runner: bench.JaxRunner, repeats: int, manual_dir, log) ->
   with contextlib.closing(stream):
     for name in measure:  # warm-up, untimed: the first chunk of each path runs slower
       measure[name](0)
-    rates = {name: [] for name in measure}
-    for repeat in range(repeats):  # rotating which goes first, so that drift favours none
-      names = list(measure)
-      for name in names[repeat % 3:] + names[:repeat % 3]:
-        rates[name].append(measure[name](repeat + 1))
+    rates = taking_turns(measure, repeats)
     # The stream alone, no training: how far ahead of the step the workers can run given a core.
     loader_steps = 200
     loader_rate = statistics.median(

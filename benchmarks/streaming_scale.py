@@ -110,13 +110,19 @@ def kind(dataset: str) -> str:
   return "folder" if dataset.startswith("folder:") else "tfds"
 
 
+def references_of(datasets) -> dict:
+  """{kind: the first dataset of that kind}: what the others of the kind are compared with."""
+  references = {}
+  for dataset in datasets:
+    references.setdefault(kind(dataset), dataset)
+  return references
+
+
 def compare(runs: list[dict], log) -> None:
   """Adds to each run its ratios against the reference of its kind (the first tfds dataset, the
   first folder), taken as the mean of every run of the reference: running it before and after
   the large one evens out a machine whose speed drifts."""
-  references = {}
-  for run in runs:
-    references.setdefault(kind(run["dataset"]), run["dataset"])
+  references = references_of(run["dataset"] for run in runs)
   keys = ("train_images", "main_peak_rss_mb", "tree_peak_rss_mb", "tree_peak_anonymous_mb", "last_epoch_s")
   for run in runs:
     name = references[kind(run["dataset"])]
@@ -152,17 +158,13 @@ def interleaved_rates(datasets: list[str], data_dir, workers, steps: int, repeat
       streams[name] = stack.enter_context(contextlib.closing(data.train_batches(
           split, BATCH_SIZE, seed=0, epoch=0, workers=workers, epochs=2)))
       report.batches_rate(runner, streams[name], BATCH_SIZE, steps)  # warm-up, untimed
-    rates = {name: [] for name in names}
-    for repeat in range(repeats):
-      for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-        rates[name].append(report.batches_rate(runner, streams[name], BATCH_SIZE, steps))
+    rates = report.taking_turns({name: lambda _, stream=stream: report.batches_rate(
+        runner, stream, BATCH_SIZE, steps) for name, stream in streams.items()}, repeats)
   medians = {name: statistics.median(values) for name, values in rates.items()}
   log(f"in one process, taking turns ({repeats} x {steps} steps each, {workers} worker "
       f"process{'es' if workers > 1 else ''} per stream): " +
       ", ".join(f"{name} {rate:,.0f} img/s" for name, rate in medians.items()))
-  references = {}
-  for name in names:
-    references.setdefault(kind(name), name)
+  references = references_of(names)
   for name in names:
     reference = references[kind(name)]
     if name != reference:
