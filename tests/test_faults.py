@@ -122,7 +122,10 @@ RUN_KINDS = {
                           'model_kwargs={"stem_widths": [4, 8, 8], "dim": 16, "depth": 1, "heads": 2, '
                           '"mlp_dim": 16, "dropout": 0.1}'],
     "bfloat16": ["--dtype", "bfloat16"],
-    "sgd-cosine-label-smoothing": ["--optimizer", "sgd", "--schedule", "cosine", "--label-smoothing", "0.1"],
+    # Issue 23's options together: resumed state includes the EMA, micro-batches, mixed targets.
+    "sgd-cosine-smoothing-ema-accum-mixup": ["--optimizer", "sgd", "--schedule", "cosine",
+                                             "--label-smoothing", "0.1", "--ema-decay", "0.9",
+                                             "--grad-accum", "2", "--augment", "affine,erase,mixup"],
     "finetune-frozen-backbone": ["--set", "freeze=backbone", "--set", "head_learning_rate=0.01"],
 }
 

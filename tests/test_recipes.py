@@ -86,3 +86,132 @@ def test_top5_accuracy_for_more_than_five_classes_only():
     assert ("top5_accuracy" in result) == has_top5
     if has_top5:
       assert result["accuracy"] <= result["top5_accuracy"] <= 1.0
+
+
+def tiny_state(steps=0, model="convnet", **overrides):
+  """A TINY ConvNet's (or `model`'s) train state after `steps` steps on generated images."""
+  kwargs = TINY if model == "convnet" else {"widths": [4, 8, 8]}
+  config = Config(model=model, model_kwargs=kwargs, **{"learning_rate": 1e-2, **overrides})
+  state = create_train_state(models.create_model(model, num_classes=10, **kwargs), config,
+                             (28, 28, 1), total_steps=max(steps, 10))
+  images, labels = generated_images(64)
+  for _ in range(steps):
+    state, _ = train_step(state, images, labels)
+  return state
+
+
+def max_difference(tree_a, tree_b) -> float:
+  return max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(tree_a), jax.tree.leaves(tree_b)))
+
+
+def test_ema_follows_the_weights_with_its_warm_up_decay():
+  state = tiny_state(0, ema_decay=0.9)
+  before = jax.tree.map(np.asarray, state.params)  # the step donates the state it is given
+  assert max_difference(state.ema_params, before) == 0  # starts at the initial weights
+  images, labels = generated_images(64)
+  state, _ = train_step(state, images, labels)
+  decay = min(0.9, 2 / 11)  # (1 + step) / (10 + step) after step 1
+  expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, before, state.params)
+  assert max_difference(state.ema_params, expected) < 1e-7
+  assert state.variables()["params"] is state.ema_params  # what eval reads
+  assert max_difference(state.ema_params, state.params) > 0
+  assert tiny_state(0).ema_params == {}  # no EMA: nothing kept
+
+
+def test_a_checkpoint_with_ema_loads_the_ema_weights_for_eval_predict_export_and_finetune(tmp_path):
+  from conftest import write_checkpoint
+
+  from flaxzoo.training import checkpoint
+  from flaxzoo.training.inference import predict_arrays
+  state = write_checkpoint(tmp_path / "run", steps=3, ema_decay=0.5, **TINY)
+  model, variables, card = checkpoint.load_checkpoint(tmp_path / "run")
+  assert card["weights"] == "ema (decay 0.5)"
+  assert max_difference(variables["params"], state.ema_params) == 0
+  assert max_difference(variables["params"], state.params) > 0
+  images, _ = generated_images(8)
+  np.testing.assert_array_equal(predict_arrays(model, variables, images),
+                                predict_arrays(model, state.variables(), images))
+  write_checkpoint(tmp_path / "plain", steps=1, **TINY)
+  assert checkpoint.load_checkpoint(tmp_path / "plain")[2]["weights"] == "trained"
+
+
+@pytest.mark.parametrize("model", ["convnet", "resnet"])
+def test_grad_accum_micro_batches_give_the_one_batch_update(model):
+  """K micro-batches of B/K rows, gradients averaged, equal one batch of B within float rounding
+  (SGD, so the update is the gradient itself). BatchNorm normalises each micro-batch by its own
+  statistics and updates its running averages once per micro-batch: for the ResNet only the
+  running statistics' shape is compared, and its params are allowed a looser tolerance."""
+  one, accumulated = (tiny_state(2, model=model, optimizer="sgd", schedule="constant", grad_accum=k)
+                      for k in (1, 4))
+  tolerance = 1e-6 if model == "convnet" else 5e-2
+  assert max_difference(one.params, accumulated.params) < tolerance
+  assert jax.tree.structure(one.batch_stats) == jax.tree.structure(accumulated.batch_stats)
+
+
+def test_grad_accum_returns_the_whole_batch_metrics():
+  images, labels = generated_images(64)
+  states = [tiny_state(0, grad_accum=k) for k in (1, 2)]
+  (_, a), (_, b) = (train_step(s, images, labels) for s in states)
+  assert float(a["accuracy"]) == float(b["accuracy"])
+  assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-6)
+
+
+AUGMENTATION_NAMES = ["shift", "crop", "flip", "affine", "erase", "mixup", "cutmix"]
+
+
+@pytest.mark.parametrize("name", AUGMENTATION_NAMES)
+def test_each_augmentation_keeps_shape_and_dtype_and_is_a_function_of_the_key(name):
+  from flaxzoo.training import augment
+  images = jnp.asarray(generated_images(16)[0], jnp.float32) / 255
+  targets = jax.nn.one_hot(jnp.arange(16) % 10, 10)
+  out, mixed = augment.augment_batch(jax.random.PRNGKey(0), images, targets, name)
+  assert out.shape == images.shape and out.dtype == images.dtype
+  assert float(out.min()) >= 0 and float(out.max()) <= 1
+  again, mixed_again = augment.augment_batch(jax.random.PRNGKey(0), images, targets, name)
+  np.testing.assert_array_equal(out, again)
+  np.testing.assert_array_equal(mixed, mixed_again)
+  other, _ = augment.augment_batch(jax.random.PRNGKey(1), images, targets, name)
+  assert not np.array_equal(out, other) and not np.array_equal(out, images)
+  np.testing.assert_allclose(mixed.sum(-1), 1, rtol=1e-6)  # still class probabilities
+  if name not in ("mixup", "cutmix"):
+    assert mixed is targets
+
+
+def test_what_each_augmentation_does():
+  from flaxzoo.training import augment
+  images = jnp.asarray(generated_images(32)[0], jnp.float32) / 255
+  targets = jax.nn.one_hot(jnp.arange(32) % 10, 10)
+  key = jax.random.PRNGKey(0)
+  flipped = augment.flip(key, images)
+  per_image = [np.array_equal(f, i[:, ::-1]) or np.array_equal(f, i) for f, i in zip(flipped, images)]
+  assert all(per_image)
+  erased = augment.erase(key, images)
+  assert bool(jnp.all((erased == images) | (erased == 0)))
+  changed = np.asarray(jnp.any(erased != images, axis=(1, 2, 3)))
+  assert 0 < changed.sum() < 32  # with probability 1/2 per image
+  mixed, mixed_targets = augment.mixup(key, images, targets)
+  weight = float(mixed_targets[0, 0])  # image 0 (class 0) and image 31 (class 1)
+  np.testing.assert_allclose(mixed[0], weight * images[0] + (1 - weight) * images[31], atol=1e-6)
+  pasted, pasted_targets = augment.cutmix(key, images, targets)
+  from_other = float(jnp.mean(pasted[0] != images[0]))  # share of pixels from image 31 (almost all differ)
+  assert pasted_targets[0, 1] == pytest.approx(from_other, abs=0.02)
+  ones, zeros = jnp.ones(32), jnp.zeros(32)
+  np.testing.assert_allclose(augment.warp_affine(images, zeros, ones, jnp.zeros((32, 2))), images,
+                             atol=1e-6)  # no rotation, scale or move: the same image
+  quarter_turn = augment.warp_affine(images, ones * np.pi / 2, ones, jnp.zeros((32, 2)))
+  np.testing.assert_allclose(quarter_turn, np.rot90(images, -1, axes=(1, 2)), atol=1e-5)
+  moved = augment.warp_affine(images, zeros, ones, jnp.tile(jnp.array([[2.0, -3.0]]), (32, 1)))
+  np.testing.assert_allclose(moved[:, 2:, :-3], images[:, :-2, 3:], atol=1e-6)
+
+
+def test_augment_names_are_checked():
+  validate(Config(augment="erase, affine"))
+  for value, fragment in [("blur", "augment must be none or comma-separated names from shift"),
+                          ("mixup,cutmix", "at most one of mixup and cutmix"),
+                          ("", "augment must be none")]:
+    with pytest.raises(ConfigError, match=fragment):
+      validate(Config(augment=value))
+  with pytest.raises(ConfigError, match="grad_accum must be at least 1 and divide batch_size 128"):
+    validate(Config(grad_accum=3))
+  with pytest.raises(ConfigError, match="ema_decay must be in"):
+    validate(Config(ema_decay=1.0))

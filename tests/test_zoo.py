@@ -174,7 +174,8 @@ def test_results_script_runs_end_to_end_on_a_slice(tmp_path, mnist_data_dir):
 
 
 def test_shift_augmentation_moves_each_image_by_at_most_two_pixels():
-  from flaxzoo.training.augment import MAX_SHIFT, augment_images
+  from flaxzoo.training.augment import MAX_SHIFT, augment_batch
+  augment_images = lambda key, images, names: augment_batch(key, images, None, names)[0]  # noqa: E731
   images = jnp.zeros((64, 12, 12, 1)).at[:, 4:8, 4:8, 0].set(1.0)  # a square away from the edges
   shifted = np.asarray(augment_images(jax.random.PRNGKey(0), images, "shift"))
   corners = np.array([np.argwhere(image[..., 0] > 0).min(0) for image in shifted])
@@ -184,5 +185,5 @@ def test_shift_augmentation_moves_each_image_by_at_most_two_pixels():
   again = np.asarray(augment_images(jax.random.PRNGKey(0), images, "shift"))
   np.testing.assert_array_equal(shifted, again)  # a function of the key alone
   assert augment_images(jax.random.PRNGKey(0), images, "none") is images
-  with pytest.raises(ConfigError, match="augment must be none or shift"):
-    validate(Config(augment="flip"))
+  with pytest.raises(ConfigError, match="augment must be none or comma-separated names from shift"):
+    validate(Config(augment="blur"))

@@ -110,6 +110,8 @@ def make_card(model, config: Config, dataset_info, step: int, epoch: float, metr
       "input_shape": list(dataset_info.image_shape),
       "input": "uint8 pixels, or float32 already scaled to [0, 1]; NHWC",
       "dtype": {"params": "float32", "training_compute": config.dtype},
+      # Which weights eval, predict, export and fine-tune read (`load_checkpoint`).
+      "weights": f"ema (decay {config.ema_decay})" if config.ema_decay else "trained",
       "dataset": {"name": dataset_info.name, "class_names": list(dataset_info.class_names),
                   "num_examples": dict(dataset_info.num_examples),
                   **({"split_rule": dataset_info.split_rule} if dataset_info.split_rule else {})},
@@ -131,7 +133,7 @@ def fingerprint(tree) -> str:
   return digest.hexdigest()
 
 
-STATE_PARTS = ("params", "batch_stats", "opt_state", "step", "rng")
+STATE_PARTS = ("params", "batch_stats", "opt_state", "step", "rng", "ema_params")
 
 
 def state_fingerprints(state: TrainState) -> dict:
@@ -381,10 +383,16 @@ def restore_latest(workdir, target: TrainState, sharding=None):
   `target` gives the structure, shapes and dtypes (a real or `jax.eval_shape` state); `sharding`
   where its arrays go (default: the default device).
   """
+  # Read part by part: checkpoints written before the EMA existed have no `ema_params`.
+  parts = {part: getattr(target, part) for part in STATE_PARTS
+           if part != "ema_params" or target.ema_params}
+  parts_target = _restore_target(parts, sharding)
+
   def restore(manager, step):
     card = _read_card(manager, workdir, step)
-    state = _read_state(manager, workdir, step,
-                        ocp.args.StandardRestore(_restore_target(target, sharding)))
+    state = target.replace(**_read_state(manager, workdir, step, ocp.args.PyTreeRestore(
+        item=parts_target, restore_args=ocp.checkpoint_utils.construct_restore_args(parts_target),
+        partial_restore=True)))
     _verify(workdir, step, card, {part: getattr(state, part) for part in STATE_PARTS})
     return state, card
 
@@ -401,17 +409,20 @@ def load_checkpoint(workdir, step: int | None = None):
   """Returns `(model, variables, card)` from a checkpoint, rebuilding the model from its card.
 
   Only the model's variables (params, and batch_stats where the model has them) are read, so this
-  works whatever optimizer trained the model.
+  works whatever optimizer trained the model. A run that kept an EMA of its weights gives the
+  EMA's as params (its card's "weights" says so).
   """
   def restore(manager, step):
     card = _read_card(manager, workdir, step)
     model = model_from_card(card)
-    target = _restore_target(models.abstract_variables(model, card["input_shape"]))
-    variables = _read_state(manager, workdir, step, ocp.args.PyTreeRestore(
+    variables = models.abstract_variables(model, card["input_shape"])
+    params_part = "ema_params" if card["config"].get("ema_decay") else "params"
+    target = _restore_target({params_part if k == "params" else k: v for k, v in variables.items()})
+    parts = _read_state(manager, workdir, step, ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
-    _verify(workdir, step, card, variables)
-    return model, variables, card
+    _verify(workdir, step, card, parts)
+    return model, {"params" if k == params_part else k: v for k, v in parts.items()}, card
 
   return newest_readable(workdir, restore, step)[1]
 

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from flaxzoo.training.config import AUGMENTATIONS
 from flaxzoo.training.config import FIELDS_WITH_FLAGS as TRAIN_FLAGS
 
 
@@ -253,6 +254,13 @@ def _training_flags() -> argparse.ArgumentParser:
                       help="learning-rate schedule (default onecycle; the others warm up first)")
   parent.add_argument("--label-smoothing", type=float, metavar="E", help="label smoothing of the "
                       "training loss (default 0)")
+  parent.add_argument("--ema-decay", type=float, metavar="D", help="keep an exponential moving "
+                      "average of the weights (e.g. 0.999); eval, predict, export and fine-tune "
+                      "use it (default 0: none)")
+  parent.add_argument("--grad-accum", type=int, metavar="K", help="K micro-batches of "
+                      "batch-size/K per optimizer step, in one jitted step (default 1)")
+  parent.add_argument("--augment", metavar="NAMES", help="training augmentations, comma-separated: "
+                      + ", ".join(AUGMENTATIONS) + " (default: the recipe's; none)")
   parent.add_argument("--log-every-steps", type=int, metavar="K", help="a train record in "
                       "metrics.jsonl and TensorBoard every K steps (default 100; and at epoch ends)")
   parent.add_argument("--profile-steps", metavar="A:B", help="write a jax.profiler trace of train "

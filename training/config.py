@@ -27,6 +27,8 @@ class Config:
   optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9)
   schedule: str = "onecycle"  # onecycle (warm-up, cosine decay) | cosine | linear | step | constant
   label_smoothing: float = 0.0  # of the training loss (optax.smooth_labels)
+  ema_decay: float = 0.0  # > 0: keep an EMA of the weights; eval, export, fine-tune use it
+  grad_accum: int = 1  # micro-batches per optimizer step (batch_size / grad_accum rows each)
   seed: int = 0
   train_examples: int = 0  # > 0: train on the first N training examples only (quick runs, tests)
   test_examples: int = 0  # > 0: evaluate on the first N test examples only
@@ -36,7 +38,7 @@ class Config:
   keep_checkpoints: int = 3
   log_every_steps: int = 100  # a train record in metrics.jsonl every N steps (and at epoch ends)
   dtype: str = "float32"  # training compute: float32 or bfloat16 (params, optimizer state: float32)
-  augment: str = "none"  # none | shift (random translation by up to 2 pixels, during training)
+  augment: str = "none"  # none, or comma-separated names of training/augment.py's AUGMENTATIONS
   profile_steps: str = ""  # "A:B": a jax.profiler trace of train steps A..B in WORKDIR/profile/
   # Fine-tuning (set by `flaxzoo finetune` / `training.finetune`; see training/finetuning.py).
   init_from: str | None = None  # workdir whose checkpoint initialises the model
@@ -64,12 +66,39 @@ SCHEDULES = ("onecycle", "cosine", "linear", "step", "constant")
 FIELDS_WITH_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
                      "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype",
                      "head", "profile_steps", "log_every_steps", "optimizer", "schedule",
-                     "label_smoothing", "streaming", "workers")
+                     "label_smoothing", "streaming", "workers", "ema_decay", "grad_accum", "augment")
 
 # Fields that must match for a checkpoint to continue the same run.
 RUN_IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "batch_size", "seed", "train_examples",
                        "init_from", "init_step", "freeze", "head", "class_map", "input_shape",
-                       "test_fraction", "optimizer")
+                       "test_fraction", "optimizer", "ema_decay", "grad_accum")
+
+
+# Training-time augmentations (training/augment.py): what each name does, in the order they run.
+AUGMENTATIONS = {
+    "shift": "move by up to 2 pixels each way, zero-filled",
+    "crop": "pad 4 pixels of zeros, cut a random window of the image's size",
+    "flip": "mirror left-right with probability 1/2 (not for digits)",
+    "affine": "rotate up to 15 degrees, scale 0.9-1.1, move up to 10 % (bilinear)",
+    "erase": "random erasing: with probability 1/2 a random rectangle set to 0",
+    "mixup": "blend each image and its targets with another's of the batch",
+    "cutmix": "paste a rectangle of another image of the batch; targets by area",
+}
+MIXING = ("mixup", "cutmix")
+
+
+def parse_augment(augment: str) -> tuple[str, ...]:
+  """'erase, affine' -> ('affine', 'erase'): the names in running order; 'none' -> ()."""
+  names = {name.strip() for name in augment.split(",")} - {"none", ""}
+  return tuple(name for name in AUGMENTATIONS if name in names)
+
+
+def unknown_augmentations(augment: str) -> list[str]:
+  return sorted({name.strip() for name in augment.split(",")} - set(AUGMENTATIONS) - {"none", ""})
+
+
+def mixes_targets(augment: str) -> bool:
+  return any(name in MIXING for name in parse_augment(augment))
 
 
 def _field_types() -> dict[str, type]:
@@ -134,7 +163,14 @@ def validate(config: Config) -> None:
       ("class_map", config.class_map is None or all(
           isinstance(k, str) and isinstance(v, str) for k, v in config.class_map.items()),
        "a JSON object of class names, {\"new name\": \"checkpoint name\"}"),
-      ("augment", config.augment in ("none", "shift"), "none or shift"),
+      ("augment", not unknown_augmentations(config.augment) and (
+          parse_augment(config.augment) or config.augment.strip() == "none"),
+       "none or comma-separated names from " + ", ".join(AUGMENTATIONS)),
+      ("augment", not set(MIXING) <= set(parse_augment(config.augment)),
+       "a list naming at most one of mixup and cutmix"),
+      ("ema_decay", 0 <= config.ema_decay < 1, "in [0, 1): 0 (no EMA) or e.g. 0.999"),
+      ("grad_accum", config.grad_accum >= 1 and config.batch_size % config.grad_accum == 0,
+       f"at least 1 and divide batch_size {config.batch_size}"),
       ("optimizer", config.optimizer in ("adamw", "sgd"), "adamw or sgd"),
       ("schedule", config.schedule in SCHEDULES, " or ".join(SCHEDULES)),
       ("label_smoothing", 0 <= config.label_smoothing < 1, "in [0, 1)"),

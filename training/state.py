@@ -1,7 +1,8 @@
 """The train state: what a run needs to continue, and how it starts.
 
-The state holds params, optimizer state, step, `batch_stats` (empty for models without BatchNorm)
-and a base RNG key. The key for step `s` is `fold_in(rng, s)`, so dropout or augmentation noise
+The state holds params, optimizer state, step, `batch_stats` (empty for models without BatchNorm),
+`ema_params` (an exponential moving average of the params; empty without `ema_decay`) and a base
+RNG key. The key for step `s` is `fold_in(rng, s)`, so dropout or augmentation noise
 depends only on what the checkpoint holds.
 """
 
@@ -20,18 +21,33 @@ from flaxzoo.training.optimizer import create_optimizer
 class TrainState(train_state.TrainState):
   batch_stats: Any
   rng: jax.Array
+  ema_params: Any = struct.field(default_factory=dict)  # {} unless ema_decay > 0
   # Static (not saved): "bfloat16" runs the training forward/backward pass in bfloat16 on float32
   # master parameters; the optimizer state and updates stay float32.
   compute_dtype: str = struct.field(pytree_node=False, default="float32")
-  augment: str = struct.field(pytree_node=False, default="none")  # see `augment.augment_images`
+  augment: str = struct.field(pytree_node=False, default="none")  # see `augment.augment_batch`
   label_smoothing: float = struct.field(pytree_node=False, default=0.0)  # of the training loss
+  num_classes: int = struct.field(pytree_node=False, default=0)  # for mixup/cutmix's targets
+  grad_accum: int = struct.field(pytree_node=False, default=1)  # micro-batches per step
+  ema_decay: float = struct.field(pytree_node=False, default=0.0)  # 0: no EMA
 
   def variables(self) -> dict:
-    return model_variables(self.params, self.batch_stats)
+    """The weights that are evaluated, exported and fine-tuned from: the EMA's when kept."""
+    return model_variables(self.ema_params or self.params, self.batch_stats)
+
+  def with_weights(self, params, batch_stats) -> "TrainState":
+    """The state with new weights (a fine-tune's source); the EMA, if kept, starts from them."""
+    return self.replace(params=params, batch_stats=batch_stats,
+                        ema_params=copy_of(params) if self.ema_decay else {})
 
 
 def model_variables(params, batch_stats) -> dict:
   return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+
+def copy_of(tree):
+  """New buffers: the jitted step donates the state, and two leaves may not share one."""
+  return jax.tree.map(jnp.copy, tree)
 
 
 def init_variables(model: nn.Module, key, input_shape) -> dict:
@@ -48,5 +64,7 @@ def create_train_state(model: nn.Module, config: Config, input_shape, total_step
   state = TrainState.create(
       apply_fn=model.apply, params=variables["params"], tx=create_optimizer(config, total_steps),
       batch_stats=variables.get("batch_stats", {}), rng=train_key, compute_dtype=config.dtype,
-      augment=config.augment, label_smoothing=config.label_smoothing)
+      augment=config.augment, label_smoothing=config.label_smoothing, num_classes=model.num_classes,
+      grad_accum=config.grad_accum, ema_decay=config.ema_decay,
+      ema_params=copy_of(variables["params"]) if config.ema_decay else {})
   return state.replace(step=jnp.zeros((), jnp.int32))  # an array, like every other saved leaf

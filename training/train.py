@@ -312,7 +312,7 @@ def _train_and_evaluate_locked(config: Config, workdir: Path, layout: parallel.L
             f"of {config.epochs}).", file=sys.stderr)
   elif config.init_from:
     config, variables, report = load_source(config, model, info, state)
-    state = state.replace(params=variables["params"], batch_stats=variables.get("batch_stats", {}))
+    state = state.with_weights(variables["params"], variables.get("batch_stats", {}))
     frozen = pretrained.frozen_paths(state.params, config.freeze)
     if layout.is_primary:
       pretrained.print_report(report, frozen, info.name)
