@@ -28,6 +28,20 @@ def test_convnet_widths_are_attributes():
   assert params["head"]["kernel"].shape == (16, 10)
 
 
+def test_convnet_batch_norm_and_dropout_are_options():
+  plain = models.abstract_variables(ConvNet(num_classes=10))
+  assert set(plain) == {"params"} and "bias" in plain["params"]["Conv_0"]  # the default is unchanged
+  model = ConvNet(num_classes=10, widths=(4, 8), hidden=16, batch_norm=True, dropout=0.5)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  assert set(variables["batch_stats"]) == {"BatchNorm_0", "BatchNorm_1"}
+  assert "bias" not in variables["params"]["Conv_0"]  # BatchNorm's offset replaces it
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+  np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))  # eval: no dropout
+  train_logits, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)},
+                                mutable=["batch_stats"])
+  assert not np.allclose(train_logits, model.apply(variables, x))
+
+
 def test_list_models_with_wildcards():
   assert {"convnet", "mlp"} <= set(list_models())
   assert list_models("conv*") == ["convnet"]

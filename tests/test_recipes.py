@@ -143,7 +143,7 @@ def test_grad_accum_micro_batches_give_the_one_batch_update(model):
   running statistics' shape is compared, and its params are allowed a looser tolerance."""
   one, accumulated = (tiny_state(2, model=model, optimizer="sgd", schedule="constant", grad_accum=k)
                       for k in (1, 4))
-  tolerance = 1e-6 if model == "convnet" else 5e-2
+  tolerance = 1e-6 if model == "convnet" else 5e-3  # measured: 7e-9 and 4e-4
   assert max_difference(one.params, accumulated.params) < tolerance
   assert jax.tree.structure(one.batch_stats) == jax.tree.structure(accumulated.batch_stats)
 

@@ -172,6 +172,23 @@ def test_results_script_runs_end_to_end_on_a_slice(tmp_path, mnist_data_dir):
   assert "quick run" in table and "| lenet5 |" in table and "Machine:" in table
   assert "on 64 training examples" in table
 
+  # Recipes at two seeds: their own CSV, their section added to the same page, the zoo table kept.
+  recipes_csv = tmp_path / "recipes.csv"
+  result = subprocess.run(
+      [sys.executable, "scripts/make_results.py", "--recipes", "fast", "--seeds", "0,1",
+       "--train-examples", "256", "--test-examples", "100", "--epochs", "1", "--data-dir", mnist_data_dir,
+       "--workdir-root", tmp_path / "runs", "--recipes-csv", recipes_csv, "--markdown", out_md],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  (row,) = list(csv.DictReader(recipes_csv.open()))
+  accuracies = [float(a) for a in row["accuracies"].split()]
+  assert row["recipe"] == "fast" and row["seeds"] == "0 1" and len(accuracies) == 2
+  assert float(row["mean_accuracy"]) == pytest.approx(sum(accuracies) / 2, abs=1e-4)
+  assert float(row["mean_wall_seconds"]) > 0
+  page = out_md.read_text()
+  assert page.startswith(table.rstrip()) and "## Recipes" in page and "| fast | convnet |" in page
+  assert "LeCun et al., 1998" in page  # the published figures it is read against
+
 
 def test_shift_augmentation_moves_each_image_by_at_most_two_pixels():
   from flaxzoo.training.augment import MAX_SHIFT, augment_batch
