@@ -3,7 +3,7 @@ with `--recipes`, trains named recipes at several seeds and writes their table.
 
   FLAXZOO_MANUAL_DIR=../shared/data .venv/bin/python scripts/make_results.py
   FLAXZOO_MANUAL_DIR=../shared/data .venv/bin/python scripts/make_results.py \
-      --recipes mnist_best,fashion_convnet --seeds 0,1,2
+      --recipes mnist_convnet,fashion_convnet --seeds 0,1,2
 
 For each model: `flaxzoo train --model NAME` (its registered defaults) into
 checkpoints/results/NAME (a finished run is not trained again), a full evaluation of the final
@@ -144,23 +144,26 @@ PUBLISHED = {
 }
 
 
-def seed_run(recipe: str, seed: int, workdir: Path, overrides: dict) -> dict:
-  """One recipe at one seed: trained (unless finished before), evaluated; its wall time."""
+def seed_run(recipe: str, seed: int, workdir: Path, overrides: dict, machine: str) -> dict:
+  """One recipe at one seed: trained (unless finished before), evaluated; its wall time and the
+  machine it trained on (kept in WORKDIR/wall_seconds.json for later invocations)."""
   config = named_config(recipe, seed=seed, **overrides)
   wall_file = workdir / "wall_seconds.json"
   if not wall_file.exists() or not checkpoint.saved_steps(workdir):
     start = time.perf_counter()
     training.train_and_evaluate(config, workdir)
-    wall_file.write_text(json.dumps({"wall_seconds": round(time.perf_counter() - start, 1)}))
+    wall_file.write_text(json.dumps({"wall_seconds": round(time.perf_counter() - start, 1),
+                                     "machine": machine}))
   else:
     training.train_and_evaluate(config, workdir)  # says it is finished; trains what is missing
   result = training.evaluate_checkpoint(workdir, data_dir=config.data_dir)
+  timing = json.loads(wall_file.read_text())
   return {"config": config, "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
-          "wall_seconds": json.loads(wall_file.read_text())["wall_seconds"]}
+          "wall_seconds": timing["wall_seconds"], "machine": timing.get("machine", machine)}
 
 
 def recipe_row(recipe: str, seeds: list[int], root: Path, overrides: dict, machine: str) -> dict:
-  runs = [seed_run(recipe, seed, root / recipe / f"seed-{seed}", overrides) for seed in seeds]
+  runs = [seed_run(recipe, seed, root / recipe / f"seed-{seed}", overrides, machine) for seed in seeds]
   config = runs[0]["config"]
   accuracies = [r["accuracy"] for r in runs]
   model = models.create_model(config.model, **config.model_kwargs)
@@ -172,7 +175,8 @@ def recipe_row(recipe: str, seeds: list[int], root: Path, overrides: dict, machi
           "std_accuracy": round(statistics.stdev(accuracies), 5) if len(accuracies) > 1 else 0.0,
           "mean_macro_f1": round(statistics.mean(r["macro_f1"] for r in runs), 4),
           "mean_wall_seconds": round(statistics.mean(r["wall_seconds"] for r in runs), 1),
-          "machine": machine, "command": f"flaxzoo train --config {recipe} --seed S{extra}"}
+          "machine": "; ".join(sorted({r["machine"] for r in runs})),
+          "command": f"flaxzoo train --config {recipe} --seed S{extra}"}
 
 
 def recipes_markdown(rows: list[dict]) -> str:
@@ -199,7 +203,7 @@ def recipes_markdown(rows: list[dict]) -> str:
       best = max(ours, key=lambda r: float(r["mean_accuracy"]))
       lines += [f"{PUBLISHED[dataset]} Here the best recipe, {best['recipe']} ({best['model']}, "
                 f"{int(best['params']):,} parameters), averages {float(best['mean_accuracy']):.2%} "
-                f"over seeds {best['seeds']}.", ""]
+                f"over seeds {best['seeds']}."]
   return "\n".join(lines)
 
 
