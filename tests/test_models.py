@@ -66,7 +66,7 @@ def test_json_lists_become_tuples_and_round_trip():
   model = create_model("convnet", num_classes=5, widths=[8, 16])
   assert model.widths == (8, 16)
   hash(model)  # jit needs hashable static modules
-  assert models.model_kwargs(model) == {"widths": [8, 16], "hidden": 128}
+  assert models.model_kwargs(model) == {"widths": [8, 16], "hidden": 128, "batch_norm": False, "dropout": 0.0}
   assert create_model("convnet", num_classes=5, **models.model_kwargs(model)) == model
 
 
