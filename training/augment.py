@@ -105,7 +105,7 @@ def _boxes(key, n, height, width, area, aspect):
 
 
 def _box_masks(top, left, box_h, box_w, height, width):
-  """(n, H, W, 1) float masks: 1 inside each image's rectangle."""
+  """(n, H, W, 1) boolean masks: True inside each image's rectangle."""
   rows = jnp.arange(height)[None, :, None]
   cols = jnp.arange(width)[None, None, :]
   inside = ((rows >= top[:, None, None]) & (rows < (top + box_h)[:, None, None])
