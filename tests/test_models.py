@@ -42,6 +42,14 @@ def test_convnet_batch_norm_and_dropout_are_options():
   assert not np.allclose(train_logits, model.apply(variables, x))
 
 
+def test_convnet_convs_per_block_stacks_convolutions_before_each_pooling():
+  params = models.abstract_variables(ConvNet(num_classes=10, widths=(4, 8), hidden=16,
+                                             convs_per_block=2))["params"]
+  shapes = [params[f"Conv_{i}"]["kernel"].shape for i in range(4)]
+  assert shapes == [(3, 3, 1, 4), (3, 3, 4, 4), (3, 3, 4, 8), (3, 3, 8, 8)]
+  assert params["Dense_0"]["kernel"].shape == (7 * 7 * 8, 16)  # two poolings, as with one conv
+
+
 def test_list_models_with_wildcards():
   assert {"convnet", "mlp"} <= set(list_models())
   assert list_models("conv*") == ["convnet"]
@@ -66,7 +74,8 @@ def test_json_lists_become_tuples_and_round_trip():
   model = create_model("convnet", num_classes=5, widths=[8, 16])
   assert model.widths == (8, 16)
   hash(model)  # jit needs hashable static modules
-  assert models.model_kwargs(model) == {"widths": [8, 16], "hidden": 128, "batch_norm": False, "dropout": 0.0}
+  assert models.model_kwargs(model) == {"widths": [8, 16], "hidden": 128, "batch_norm": False,
+                                        "dropout": 0.0, "convs_per_block": 1}
   assert create_model("convnet", num_classes=5, **models.model_kwargs(model)) == model
 
 

@@ -88,7 +88,8 @@ def test_model_card_round_trip(tmp_path, mnist_data_dir):
   model, variables, card = training.load_checkpoint(tmp_path)
   assert model == models.create_model("convnet", num_classes=10, **TINY)
   assert trees_equal(variables["params"], state.params)
-  assert card["model"] == {"name": "convnet", "kwargs": {**TINY, "batch_norm": False, "dropout": 0.0}}
+  assert card["model"] == {"name": "convnet", "kwargs": {**TINY, "batch_norm": False, "dropout": 0.0,
+                                                         "convs_per_block": 1}}
   assert card["num_classes"] == 10 and card["input_shape"] == [28, 28, 1]
   assert card["dataset"]["name"] == "mnist" and card["dataset"]["class_names"] == list("0123456789")
   assert card["step"] == 10 and card["epoch"] == 1
