@@ -279,6 +279,7 @@ def test_not_enough_disk_space_is_refused_before_training(tmp_path, mnist_data_d
     ("convnet", '{"widths": 8}', "model 'convnet': widths must be a non-empty list of positive integers, got 8"),
     ("convnet", '{"widths": [8, -1]}', "got [8, -1]"),
     ("convnet", '{"hidden": 0}', "model 'convnet': hidden must be a positive integer, got 0"),
+    ("convnet", '{"convs_per_block": 0}', "convs_per_block must be a positive integer, got 0"),
     ("resnet", '{"depth": 9}', "model 'resnet': depth must be 6n + 2"),
     ("vit_tiny", '{"dim": 10}', "model 'vit_tiny': dim (10) must be a multiple of heads (4)"),
     ("vit_tiny", '{"dropout": 1.5}', "dropout must be a number in [0, 1), got 1.5"),
