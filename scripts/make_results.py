@@ -159,7 +159,8 @@ def seed_run(recipe: str, seed: int, workdir: Path, overrides: dict, machine: st
   result = training.evaluate_checkpoint(workdir, data_dir=config.data_dir)
   timing = json.loads(wall_file.read_text())
   return {"config": config, "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
-          "wall_seconds": timing["wall_seconds"], "machine": timing.get("machine", machine)}
+          "wall_seconds": timing["wall_seconds"],
+          "machine": timing.get("machine", "machine not recorded")}  # runs timed before it was
 
 
 def recipe_row(recipe: str, seeds: list[int], root: Path, overrides: dict, machine: str) -> dict:
