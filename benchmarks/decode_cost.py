@@ -1,6 +1,8 @@
 """Per-record cost of streaming a tfds image split, step by step, in one process: the raw
-ArrayRecord read, tfds's own deserialisation, flaxzoo's proto parse, the PNG decode by PIL and by
-OpenCV, and `TfdsRecords.read` whole (what a grain worker does per batch). docs/streaming.md.
+ArrayRecord read (all records in one call, and in batches of 128 as training reads them, by
+array_record's data source and by flaxzoo's `ArrayRecordShards`), tfds's own deserialisation,
+flaxzoo's proto parse, the PNG decode by PIL and by OpenCV, and `TfdsRecords.read` whole (what a
+grain worker does per batch). docs/streaming.md.
 
   python -m flaxzoo.benchmarks.decode_cost --dataset mnist --data-dir /tmp/tfds
 """
@@ -40,9 +42,13 @@ def main(argv=None) -> int:
   data_dir = args.data_dir or data.default_data_dir()
   info = data.dataset_info(args.dataset, data_dir)
   raw = tfds.data_source(args.dataset, split="train", data_dir=data_dir, download=False)
-  indices = sorted(int(i) for i in np.random.default_rng(0).permutation(len(raw))[:args.records])
+  order = np.random.default_rng(0).permutation(len(raw))[:args.records]
+  indices = sorted(int(i) for i in order)
   count = len(indices)
   records = raw.data_source.__getitems__(indices)
+  # As training reads them: each batch of 128 sorted indices in its own call.
+  batches = [sorted(int(i) for i in order[start:start + 128]) for start in range(0, count, 128)]
+  shards = sources.ArrayRecordShards(raw.dataset_info.splits["train"].file_instructions)
   encoded = [tf_example_pb2.Example.FromString(r).features.feature["image"].bytes_list.value[0]
              for r in records]
   channels = info.image_shape[-1]
@@ -51,7 +57,11 @@ def main(argv=None) -> int:
   deserialised = tfds.data_source(args.dataset, split="train", data_dir=data_dir, download=False,
                                  decoders={"image": tfds.decode.SkipDecoding()})
   costs = {
-      "raw ArrayRecord read": lambda: raw.data_source.__getitems__(indices),
+      "raw ArrayRecord read, all at once": lambda: raw.data_source.__getitems__(indices),
+      "raw ArrayRecord read, batches of 128, array_record's": lambda: [
+          raw.data_source.__getitems__(batch) for batch in batches],
+      "raw ArrayRecord read, batches of 128, ArrayRecordShards": lambda: [
+          shards.read(batch) for batch in batches],
       "tfds's read and deserialisation (image left encoded)": lambda: deserialised.__getitems__(indices),
       "flaxzoo's proto parse (tf_example_pb2)": lambda: [
           tf_example_pb2.Example.FromString(r).features.feature for r in records],

@@ -81,6 +81,8 @@ def _stop_workers(iterator) -> None:
   A worker holds nothing to save."""
   for prefetcher in _process_prefetchers(iterator):
     process = prefetcher._prefetch_process
+    if process is None:  # grain stopped it already (a worker that died)
+      continue
     process.kill()
     process.join()
     prefetcher._prefetch_process = None

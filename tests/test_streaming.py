@@ -2,6 +2,7 @@
 of mixed sizes and formats; a file that fails mid-stream is one line, checkpoints kept."""
 
 import io
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -61,6 +62,25 @@ def test_streamed_tfds_records_are_the_in_memory_arrays(mnist_data_dir):
                       data.train_batches(streamed.splits["train"], workers=1, **kwargs))
   assert_same_batches(data.eval_batches(in_memory.splits["test"], 128),
                       data.eval_batches(streamed.splits["test"], 128, workers=2))
+
+
+def test_array_record_shards_read_each_index_from_its_shard(tmp_path):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  instructions, expected = [], []
+  for shard, (count, skip) in enumerate([(5, 0), (7, 2), (4, 1)]):  # a shard read from record `skip` on
+    path = tmp_path / f"split.array_record-{shard:05d}-of-00003"
+    writer = ArrayRecordWriter(str(path), "group_size:1")
+    for i in range(count):
+      writer.write(f"shard {shard} record {i}".encode())
+    writer.close()
+    instructions.append(SimpleNamespace(filename=path, skip=skip, take=count - skip))
+    expected += [f"shard {shard} record {i}".encode() for i in range(skip, count)]
+  shards = data.sources.ArrayRecordShards(instructions)
+  indices = [0, 4, 5, 9, 10, 12]  # first and last of each shard's part
+  assert shards.read(indices) == [expected[i] for i in indices]
+  assert shards.read(list(range(len(expected)))) == expected
+  with pytest.raises(IndexError, match="record 13 is outside the split's 13 records"):
+    shards.read([13])
 
 
 def truncated_png(size=(20, 20)) -> bytes:
