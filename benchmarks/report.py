@@ -137,11 +137,17 @@ def real_data_figures(runner: bench.JaxRunner, repeats: int, manual_dir, log) ->
     for name in measure:  # warm-up, untimed: the first chunk of each path runs slower
       measure[name](0)
     rates = taking_turns(measure, repeats)
-    # The stream alone, no training: how far ahead of the step the workers can run given a core.
-    loader_steps = 200
-    loader_rate = statistics.median(
-        loader_steps * batch_size / bench.timed(lambda: collections.deque(
-            itertools.islice(stream, loader_steps), maxlen=0)) for _ in range(3))
+    # The stream alone, no training: how far ahead of the step the workers can run given a core,
+    # and the CPU time it takes per image, here and in the workers.
+    loader_steps, loader_rates, cpu_here, cpu_workers = 200, [], [], []
+    for _ in range(3):
+      before = stream_cpu_seconds()
+      loader_rates.append(loader_steps * batch_size / bench.timed(lambda: collections.deque(
+          itertools.islice(stream, loader_steps), maxlen=0)))
+      after = stream_cpu_seconds()
+      cpu_here.append((after[0] - before[0]) / (loader_steps * batch_size) * 1e6)
+      cpu_workers.append((after[1] - before[1]) / (loader_steps * batch_size) * 1e6)
+    loader_rate = statistics.median(loader_rates)
   real_rate, synthetic_rate = statistics.median(rates["real"]), statistics.median(rates["synthetic"])
   streaming_rate = statistics.median(rates["streaming"])
   epoch_seconds = len(train_split[0]) / real_rate
@@ -157,10 +163,18 @@ def real_data_figures(runner: bench.JaxRunner, repeats: int, manual_dir, log) ->
       saves.append(time.perf_counter() - start)
     manager.close()
   save_seconds = statistics.median(saves)
+  # Where training keeps every core busy, the stream's CPU time comes out of the step's: the
+  # in-memory step takes cores / rate of CPU per image, the stream adds its own.
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  step_cpu_us = cores / real_rate * 1e6
+  stream_cpu_us = statistics.median(cpu_here) + statistics.median(cpu_workers)
   result = {"real_data_img_s": real_rate, "synthetic_img_s": synthetic_rate,
             "real_data_ratio": real_rate / synthetic_rate, "streaming_img_s": streaming_rate,
             "streaming_workers": workers, "streaming_ratio": streaming_rate / real_rate,
             "streaming_loader_img_s": loader_rate,
+            "streaming_cpu_us_per_image_main": statistics.median(cpu_here),
+            "streaming_cpu_us_per_image_workers": statistics.median(cpu_workers),
+            "streaming_ratio_bound_saturated": step_cpu_us / (step_cpu_us + stream_cpu_us),
             "checkpoint_save_s": save_seconds, "epoch_train_s": epoch_seconds,
             "checkpoint_cost_pct": 100 * save_seconds / epoch_seconds}
   log(f"  real-data input path {real_rate:,.0f} img/s vs synthetic {synthetic_rate:,.0f} "
@@ -169,7 +183,26 @@ def real_data_figures(runner: bench.JaxRunner, repeats: int, manual_dir, log) ->
   log(f"  streamed from ArrayRecord ({workers} worker process{'es' if workers > 1 else ''}) "
       f"{streaming_rate:,.0f} img/s = {result['streaming_ratio']:.3f}x the in-memory path; the "
       f"stream alone, not training, {loader_rate:,.0f} img/s")
+  log(f"  the stream's CPU per image: {result['streaming_cpu_us_per_image_main']:.1f} us in this "
+      f"process + {result['streaming_cpu_us_per_image_workers']:.1f} us in its workers; the "
+      f"in-memory step's {cores} cores x 1/{real_rate:,.0f} s = {step_cpu_us:.0f} us: with every "
+      f"core busy, streaming reaches at most {result['streaming_ratio_bound_saturated']:.3f}x")
   return result
+
+
+def stream_cpu_seconds() -> tuple[float, float]:
+  """CPU seconds (user + system) so far of this process and of its child processes alive now (a
+  stream's grain workers)."""
+  import psutil  # orbax-checkpoint's and tfds's dependency
+  me = psutil.Process()
+  here = sum(me.cpu_times()[:2])
+  children = 0.0
+  for child in me.children(recursive=True):
+    try:
+      children += sum(child.cpu_times()[:2])
+    except psutil.NoSuchProcess:
+      pass
+  return here, children
 
 
 def fraction_sweep(runner: bench.JaxRunner, manual_dir, log) -> dict:

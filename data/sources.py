@@ -141,7 +141,11 @@ class ArrayRecordShards:
       if not 0 <= index < self.ends[-1]:
         raise IndexError(f"record {index} is outside the split's {self.ends[-1]} records")
       position = int(index - (self.ends[shard - 1] if shard else 0) + self.skips[shard])
-      records.append(self._reader(shard).read(position, position + 1)[0])
+      try:
+        records.append(self._reader(shard).read(position, position + 1)[0])
+      except RuntimeError as e:  # riegeli's complaint about a damaged chunk
+        raise DataError(f"{self.files[shard]}: record {position} cannot be read ({str(e)[:200]}); "
+                        f"the file is damaged: prepare the dataset again (delete its folder)") from e
     return records
 
 

@@ -81,6 +81,11 @@ def test_array_record_shards_read_each_index_from_its_shard(tmp_path):
   assert shards.read(list(range(len(expected)))) == expected
   with pytest.raises(IndexError, match="record 13 is outside the split's 13 records"):
     shards.read([13])
+  damaged = bytearray(instructions[1].filename.read_bytes())
+  damaged[256:512] = bytes(256)  # inside the records' chunks (they start at byte ~200), not the index
+  instructions[1].filename.write_bytes(bytes(damaged))
+  with pytest.raises(data.DataError, match=r"00001-of-00003: record \d+ cannot be read .*damaged"):
+    data.sources.ArrayRecordShards(instructions).read(list(range(5, 10)))
 
 
 def truncated_png(size=(20, 20)) -> bytes:
