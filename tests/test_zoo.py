@@ -138,13 +138,21 @@ def test_create_model_lists_valid_arguments():
     models.ResNet(depth=10).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
 
 
-def test_every_run_draws_its_training_curves(tmp_path, mnist_data_dir):
+@pytest.mark.parametrize("every_seconds, drawings", [(1e9, 1), (0, 2)])
+def test_every_run_draws_its_training_curves(tmp_path, mnist_data_dir, monkeypatch, every_seconds,
+                                             drawings):
   from PIL import Image
 
   from flaxzoo import training
+  from flaxzoo.training import train
+  # Redrawn at an epoch's end once CURVES_EVERY_SECONDS have passed, and always at the run's end.
+  monkeypatch.setattr(train, "CURVES_EVERY_SECONDS", every_seconds)
+  drawn = []
+  monkeypatch.setattr(train, "draw_curves", lambda run, draw=train.draw_curves: drawn.append(draw(run)))
   config = Config(model="lenet5", data_dir=mnist_data_dir, epochs=2, batch_size=64,
                   train_examples=256, test_examples=100)
   training.train_and_evaluate(config, tmp_path)
+  assert len(drawn) == drawings
   with Image.open(tmp_path / "curves.png") as png:
     assert png.format == "PNG" and png.width > 300
   from flaxzoo.training.curves import epoch_curves

@@ -435,6 +435,12 @@ def restore_finished(card: dict, config: Config, workdir, layout: parallel.Layou
   return state
 
 
+# curves.png is redrawn at an epoch's end only when this long has passed since the last drawing
+# (and always when the run ends or stops): a drawing took 0.6-0.9 s on a 2-core CPU, ~10 % of an
+# MNIST epoch (benchmarks/fast_breakdown.py).
+CURVES_EVERY_SECONDS = 60
+
+
 def draw_curves(run: Run) -> None:
   """WORKDIR/curves.png from metrics.jsonl; a picture that cannot be written only warns."""
   try:
@@ -486,6 +492,8 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
       return
     if last_saved != step:
       save_checkpoint()
+    if layout.is_primary:
+      draw_curves(run)
     checkpoint.wait(manager, config.keep_checkpoints)
     name = signal.Signals(stop.signum).name
     raise TrainingInterrupted(f"{name}: stopped at step {step} (epoch {step / steps_per_epoch:.2f} "
@@ -493,6 +501,7 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
                               f"with: flaxzoo train --workdir {workdir}", stop.signum)
 
   first_epoch = step // steps_per_epoch
+  last_drawn = time.perf_counter()
   # A run resumed mid-epoch: that epoch's records already logged count in its printed summary.
   logged_before = [r for r in run.metrics_log.records()
                    if r["split"] == "train" and r["epoch"] == first_epoch + 1 and r["step"] <= step]
@@ -540,8 +549,10 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
       run.metrics_log.write(test_record)
       latest_metrics["test"] = test_record
       save_checkpoint()
-      if layout.is_primary:
+      if layout.is_primary and (epoch + 1 == config.epochs
+                                or time.perf_counter() - last_drawn >= CURVES_EVERY_SECONDS):
         draw_curves(run)
+        last_drawn = time.perf_counter()
       trained = (steps_per_epoch - start_batch) * config.batch_size
       summary = epoch_summary(logged_before if epoch == first_epoch else [], epoch_metrics)
       run.say(f"epoch {epoch + 1}/{config.epochs}  step {step}  "
