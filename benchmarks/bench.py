@@ -61,6 +61,7 @@ class JaxRunner:
     self.model = models.create_model(model_name, num_classes=10, **self.config.model_kwargs)
     self.state = create_train_state(self.model, self.config, MNIST_SHAPE, total_steps)
     self.initial_params = jax.device_get(self.state.params)
+    self.initial_batch_stats = jax.device_get(self.state.batch_stats)
     model = self.model  # batch 1 as a serving loop would jit it: no static arguments to hash
     self.forward = jax.jit(lambda variables, x: logits_in_passes(model, variables, x))
 
@@ -100,7 +101,7 @@ class TorchRunner:
     torch = self.torch = import_torch()
     self.name = "torch_compile" if compiled else "torch_eager"
     config = jax_runner.config
-    self.module = torch_twin(jax_runner.model, jax_runner.initial_params)
+    self.module = torch_twin(jax_runner.model, jax_runner.initial_params, jax_runner.initial_batch_stats)
     self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=config.learning_rate,
                                        weight_decay=config.weight_decay)
     self.schedule = torch.optim.lr_scheduler.OneCycleLR(

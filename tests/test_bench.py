@@ -24,16 +24,23 @@ def test_torch_twin_computes_the_same_logits(name):
   model = models.create_model(name, num_classes=10)
   images, _ = bench.synthetic_batch(4)
   variables = model.init(jax.random.PRNGKey(3), to_model_input(images))
+  # Random weights and BatchNorm statistics everywhere: initial ones would hide a misplaced layer
+  # (ResNet's zero-initialised BatchNorm scales switch off half its convolutions).
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.PRNGKey(4), len(leaves))
+  variables = jax.tree.unflatten(tree, [
+      leaf + 0.1 * jax.random.uniform(key, leaf.shape) for leaf, key in zip(leaves, keys)])
   expected = np.asarray(model.apply(variables, to_model_input(images)))
-  twin = torch_twin(model, jax.device_get(variables["params"]))
+  twin = torch_twin(model, jax.device_get(variables["params"]),
+                    jax.device_get(variables.get("batch_stats"))).eval()
   with torch.inference_mode():
     got = twin(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255).numpy()
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_torch_twin_of_an_untwinned_model_names_the_supported_ones():
-  model = models.create_model("resnet")
-  with pytest.raises(ValueError, match="convnet, lenet5, mlp.*--frameworks jax"):
+  model = models.create_model("vit_tiny")
+  with pytest.raises(ValueError, match="convnet, lenet5, mlp, resnet.*--frameworks jax"):
     torch_twin(model, {})
 
 

@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   p = sub.add_parser("bench", help="JAX against PyTorch eager and torch.compile on this machine")
   p.add_argument("--model", default="convnet", help="registered model (torch twins: convnet, "
-                 "lenet5, mlp; others with --frameworks jax)")
+                 "lenet5, mlp, resnet; others with --frameworks jax)")
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--eval-batch-size", type=int, default=1024)
   p.add_argument("--steps", type=int, default=20, help="train steps per timed repeat (20)")
