@@ -52,17 +52,24 @@ def test_offline_without_files_says_where_to_put_them(tmp_path, monkeypatch):
   assert tree_snapshot(tmp_path) == {}
 
 
-def test_real_mnist_through_tfds(mnist_data_dir):
+@pytest.mark.parametrize("streaming", ["off", "on"])
+def test_real_mnist_through_tfds(mnist_data_dir, streaming):
   info = data.dataset_info("mnist", mnist_data_dir)
   assert info.num_classes == 10 and info.image_shape == (28, 28, 1)
-  images, labels = data.load_split("mnist", "train", mnist_data_dir)
+  if streaming == "off":
+    (images, labels), (test_images, test_labels) = (
+        data.load_split("mnist", split, mnist_data_dir) for split in ("train", "test"))
+    assert data.load_split("mnist", "train", mnist_data_dir)[0] is images  # loaded once per process
+  else:  # every record read by index from the ArrayRecord files, as grain's workers read them
+    splits = data.load_dataset("mnist", mnist_data_dir, streaming="on").splits
+    assert splits["train"].streams and splits["test"].streams
+    (images, labels), (test_images, test_labels) = splits["train"].arrays(), splits["test"].arrays()
   assert images.shape == (60000, 28, 28, 1) and images.dtype == np.uint8
   # Label counts and pixel mean of the original files (../shared/data/mnist/README.md).
   assert np.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
   assert abs(images.mean() / 255 - 0.130660) < 1e-5
-  test_images, test_labels = data.load_split("mnist", "test", mnist_data_dir)
+  assert test_images.shape == (10000, 28, 28, 1)
   assert np.bincount(test_labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-  assert data.load_split("mnist", "train", mnist_data_dir)[0] is images  # loaded once per process
 
 
 def test_loading_an_unprepared_split_says_how_to_prepare_it(tmp_path):
