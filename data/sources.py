@@ -115,9 +115,10 @@ class ArrayRecordShards:
   `FileInstruction`s), one range read per record.
 
   array_record's read of a list of indices (0.8.6, `ParallelReadRecordsWithIndices`) allocates a
-  vector over every record of the shard on each call, so a batch of 128 from a 300,000-record
-  shard cost 27 us per record against 11 from MNIST's 60,000; a range read of one record costs
-  6-9 us in both (docs/streaming.md). Readers open lazily, as array_record's data source opens them.
+  vector over every record of the shard on each call, so a batch of 128 sorted indices cost 52.7 us
+  per record from two 300,000-record shards against 19.9 from MNIST's 60,000; one range read per
+  record cost 9.3 and 10.4 (benchmarks/decode_cost.py, docs/streaming.md). Readers open lazily, as
+  array_record's data source opens them.
   """
 
   def __init__(self, file_instructions):

@@ -436,8 +436,8 @@ def restore_finished(card: dict, config: Config, workdir, layout: parallel.Layou
 
 
 # curves.png is redrawn at an epoch's end only when this long has passed since the last drawing
-# (and always when the run ends or stops): a drawing took 0.6-0.9 s on a 2-core CPU, ~10 % of an
-# MNIST epoch (benchmarks/fast_breakdown.py).
+# (and always when the run ends or stops): a drawing took 0.3-0.8 s on a 2-core CPU (0.9 s the
+# first, with matplotlib's import), up to 15 % of an MNIST epoch (benchmarks/fast_breakdown.py).
 CURVES_EVERY_SECONDS = 60
 
 
