@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 
 from flaxzoo import data, runtime
-from flaxzoo.benchmarks import bench
+from flaxzoo.benchmarks import bench, machine
 from flaxzoo.files import replace_atomically
 from flaxzoo.training import checkpoint
 
@@ -165,7 +165,7 @@ def real_data_figures(runner: bench.JaxRunner, repeats: int, manual_dir, log) ->
   save_seconds = statistics.median(saves)
   # Where training keeps every core busy, the stream's CPU time comes out of the step's: the
   # in-memory step takes cores / rate of CPU per image, the stream adds its own.
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  cores = machine.cpu_description()["cores"]
   step_cpu_us = cores / real_rate * 1e6
   stream_cpu_us = statistics.median(cpu_here) + statistics.median(cpu_workers)
   result = {"real_data_img_s": real_rate, "synthetic_img_s": synthetic_rate,
