@@ -1,8 +1,9 @@
 """What each JAX speed change bought, measured side by side: the ConvNet's train step and its eval
-forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2` and with `nn.Conv` or
-`models.layers.Conv`, under XLA:CPU's YNNPACK fusions on (jaxlib's default) or off (flaxzoo's
-setting, flaxzoo.runtime) or any XLA_FLAGS given with --xla-flags, and with glibc mapping large
-blocks as it does by default (its dynamic thresholds at their ceiling: blocks over 32 MB mapped
+forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2`, with `nn.Conv` or
+`models.layers.Conv`, and with each convolution, its ReLU and its pooling as
+`models.layers.ConvReluMaxPool` (the ConvNet now), under XLA:CPU's YNNPACK fusions on (jaxlib's
+default) or off (flaxzoo's setting, flaxzoo.runtime) or any XLA_FLAGS given with --xla-flags, and
+with glibc mapping large blocks as it does by default (its dynamic thresholds at their ceiling: blocks over 32 MB mapped
 fresh on every allocation) instead of flaxzoo's heap-only setting, against PyTorch eager in the
 same process. The eval rows run the batch in one pass, except one that runs it in passes as
 `flaxzoo eval` does (`training.evaluation.passes_for`).
@@ -25,17 +26,19 @@ import flax.linen as nn
 
 
 class EarlierConvNet(nn.Module):
-  """The ConvNet as it was before a change: nn.Conv instead of layers.Conv, and optionally linen's
-  `max_pool` (reduce_window) instead of layers.max_pool_2x2."""
+  """The ConvNet as it was before a change: convolution, ReLU and pooling one after another, with
+  nn.Conv or layers.Conv, and linen's `max_pool` (reduce_window) or layers.max_pool_2x2."""
   num_classes: int = 10
   linen_pool: bool = False
+  layers_conv: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     from flaxzoo.models import layers
     pool = (lambda x: nn.max_pool(x, (2, 2), (2, 2))) if self.linen_pool else layers.max_pool_2x2
+    conv = layers.Conv if self.layers_conv else nn.Conv
     for width in (16, 32):
-      x = pool(nn.relu(nn.Conv(width, (3, 3))(x)))
+      x = pool(nn.relu(conv(width, (3, 3))(x)))
     x = nn.relu(nn.Dense(128)(x.reshape((x.shape[0], -1))))
     return nn.Dense(self.num_classes, name="head")(x)
 
@@ -55,8 +58,9 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   runner = bench.JaxRunner("convnet", batch_size, 10_000)
   variants = {"linen max_pool, nn.Conv": EarlierConvNet(linen_pool=True),
               "max_pool_2x2, nn.Conv": EarlierConvNet(),
-              "max_pool_2x2, layers.Conv (now)": runner.model}
-  now = "max_pool_2x2, layers.Conv (now)"
+              "max_pool_2x2, layers.Conv": EarlierConvNet(layers_conv=True),
+              "ConvReluMaxPool (now)": runner.model}
+  now = "ConvReluMaxPool (now)"
   states = {name: create_train_state(model, runner.config, bench.MNIST_SHAPE, 10_000)
             for name, model in variants.items()}
   forwards = {name: jax.jit(lambda v, x, model=model: model.apply(v, to_model_input(x)))

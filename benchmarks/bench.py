@@ -35,6 +35,7 @@ import numpy as np
 from flaxzoo import models, runtime
 from flaxzoo.benchmarks import machine
 from flaxzoo.benchmarks.torch_twins import import_torch, torch_twin
+from flaxzoo.models import layers
 from flaxzoo.training import configs
 from flaxzoo.training.evaluation import logits_in_passes, logits_step, passes_for
 from flaxzoo.training.state import create_train_state
@@ -80,11 +81,17 @@ class JaxRunner:
   def predict_one(self, image) -> np.ndarray:
     return np.asarray(self.forward(self.state.variables(), image))
 
+  # The model's own arithmetic, each convolution as a convolution (layers.plain_convolutions), not
+  # the product forms' zero taps; traced afresh, since jit reuses a step's trace made outside it.
   def train_step_flops(self, images, labels) -> float:
-    return compiled_flops(train_step.lower(self.state, images, labels))
+    with layers.plain_convolutions():
+      return compiled_flops(jax.jit(lambda *args: train_step.__wrapped__(*args)).lower(
+          self.state, images, labels))
 
   def eval_flops(self, images) -> float:
-    return compiled_flops(logits_step.lower(self.model, self.state.variables(), images, passes=1))
+    with layers.plain_convolutions():
+      return compiled_flops(jax.jit(lambda variables, x: logits_in_passes(self.model, variables, x)).lower(
+          self.state.variables(), images))
 
 
 def compiled_flops(lowered) -> float:

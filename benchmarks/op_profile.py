@@ -1,7 +1,8 @@
 """Where the ConvNet's train step spends its time, op by op, in JAX (XLA:CPU) and PyTorch eager.
 
 Each row is one of the step's convolutions, matrix products or the whole step, run alone at the
-step's shapes (batch 128): a forward pass, an input gradient or a kernel gradient. Both frameworks
+step's shapes (batch 128): a forward pass, an input gradient or a kernel gradient (for the first
+convolution also with its 2x2 max-pooling, as the ConvNet computes the two together). Both frameworks
 take turns (medians over repeats, in one process), and each row states GFLOP/s, so a row that runs
 far under the FP32 matmul peak measured in the same run names what limits the step on this CPU.
 
@@ -49,6 +50,13 @@ def jax_ops(batch: int) -> dict:
     if cin == 1:  # what the ConvNet runs instead (models/layers.py); its input grad is never needed
       ops[f"{name} forward, layers.conv"] = (
           jax.jit(lambda x, k: layers.conv(x, k, (1, 1), "SAME", dimension_numbers=NHWC)), (x, k), flops)
+      # The ConvNet now: the convolution and its pooling as one product (ConvReluMaxPool)
+      pooled = jax.jit(layers.conv_max_pool_2x2)
+      ops[f"{name} + pool forward, product"] = (pooled, (x, k), flops)
+      dy_pooled = normal(batch, size // 2, size // 2, cout)
+      ops[f"{name} + pool kernel grad"] = (
+          jax.jit(lambda x, k: jax.vjp(lambda k: layers.conv_max_pool_2x2(x, k), k)[1](dy_pooled)[0]),
+          (x, k), flops)
     else:
       ops[f"{name} input grad"] = (jax.jit(input_grad), (x, k, dy), flops)
     ops[f"{name} kernel grad"] = (jax.jit(kernel_grad), (x, k, dy), flops)
@@ -69,6 +77,13 @@ def torch_ops(batch: int) -> dict:
     ops[f"{name} forward"] = (lambda x, k: functional.conv2d(x, k, padding=1), (x, k))
     if cin == 1:
       ops[f"{name} forward, layers.conv"] = ops[f"{name} forward"]
+      ops[f"{name} + pool forward, product"] = (
+          lambda x, k: functional.max_pool2d(functional.conv2d(x, k, padding=1), 2), (x, k))
+      pooled_dy = normal(batch, cout, size // 2, size // 2)
+      ops[f"{name} + pool kernel grad"] = (
+          lambda x, k: torch.autograd.grad(
+              functional.max_pool2d(functional.conv2d(x, k, padding=1), 2), k, pooled_dy)[0],
+          (x, k.clone().requires_grad_(True)))
     else:
       ops[f"{name} input grad"] = (
           lambda x, k, dy: grad.conv2d_input(x.shape, k, dy, padding=1), (x, k, dy))

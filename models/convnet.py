@@ -24,13 +24,19 @@ class ConvNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    convs = 0
     for width in self.widths:
-      for _ in range(self.convs_per_block):
-        x = layers.Conv(width, kernel_size=(3, 3), use_bias=not self.batch_norm)(x)
+      for index in range(self.convs_per_block):
+        name, convs = f"Conv_{convs}", convs + 1  # nn.Conv's own names, whichever layer computes it
+        if index == self.convs_per_block - 1 and not self.batch_norm:
+          x = layers.ConvReluMaxPool(width, (3, 3), name=name)(x)  # the block's pooling included
+          continue
+        x = layers.Conv(width, kernel_size=(3, 3), use_bias=not self.batch_norm, name=name)(x)
         if self.batch_norm:
           x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
         x = nn.relu(x)
-      x = layers.max_pool_2x2(x)
+      if self.batch_norm:
+        x = layers.max_pool_2x2(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.hidden)(x))
     if self.dropout:

@@ -1,24 +1,87 @@
 """Layers written the way XLA:CPU runs them fast, with linen's parameters and results."""
 
+import contextlib
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+_plain = False  # see plain_convolutions
+
+
+@contextlib.contextmanager
+def plain_convolutions():
+  """Within it, models trace every convolution as lax's own: for counting a model's FLOPs
+  (`profile.flops_per_image`, the bench's FLOP utilisation), which the faster product forms would
+  inflate with the taps they multiply by zero. Results are the same within float rounding."""
+  global _plain
+  before, _plain = _plain, True
+  try:
+    yield
+  finally:
+    _plain = before
 
 
 def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
   """2x2 max-pooling with stride 2 (NHWC), as `nn.max_pool(x, (2, 2), (2, 2))`.
 
   linen's `max_pool` lowers to `reduce_window`, whose gradient is a `select_and_scatter` that
-  XLA:CPU runs slowly; a reshape and a max over the window axes computes the same values and
-  trained the ConvNet 2.6x faster (docs/benchmarks.md).
+  XLA:CPU runs slowly. Here the pooling is two elementwise maxima of halves of a reshape (rows,
+  then columns) and its gradient a mask of each window's winners, ties split evenly as
+  `jnp.max`'s: the same values and gradients, and XLA fuses both into simple loops
+  (docs/performance.md).
   """
   n, height, width, channels = x.shape
   if height % 2 or width % 2:  # VALID pooling drops the odd row/column; crop it the same way
     height, width = height - height % 2, width - width % 2
     x = jax.lax.slice_in_dim(jax.lax.slice_in_dim(x, 0, height, axis=1), 0, width, axis=2)
-  return x.reshape(n, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+  return _max_pool_even(x)
+
+
+def _pairwise_max_pool(x):
+  n, height, width, channels = x.shape
+  # lax slices, not indexing: with a symbolic batch (jax.export) indexing becomes a dynamic gather,
+  # which TFLite cannot take.
+  rows = x.reshape(n, height // 2, 2, width, channels)
+  rows = jnp.maximum(jax.lax.index_in_dim(rows, 0, 2, False), jax.lax.index_in_dim(rows, 1, 2, False))
+  columns = rows.reshape(n, height // 2, width // 2, 2 * channels)
+  return jnp.maximum(jax.lax.slice_in_dim(columns, 0, channels, axis=3),
+                     jax.lax.slice_in_dim(columns, channels, 2 * channels, axis=3))
+
+
+def _winners_gradient(windows, best, grad, axes):
+  """The gradient of a max over `axes` of `windows` (`best`: the max, kept broadcastable):
+  `grad` shared evenly by the entries equal to the max, as jnp.max's gradient. The count is a sum
+  of slices, not a reduction, which XLA:CPU ran ~2x slower."""
+  winners = windows == best
+  entries = itertools.product(*(range(windows.shape[axis]) for axis in axes))
+  index = lambda entry: tuple(entry[axes.index(d)] if d in axes else slice(None)  # noqa: E731
+                              for d in range(windows.ndim))
+  count = sum(winners[index(entry)].astype(grad.dtype) for entry in entries)
+  return jnp.where(winners, jnp.expand_dims(grad / count, axes), 0.0)
+
+
+@jax.custom_vjp
+def _max_pool_even(x):
+  return _pairwise_max_pool(x)
+
+
+def _max_pool_even_fwd(x):
+  pooled = _pairwise_max_pool(x)
+  return pooled, (x, pooled)
+
+
+def _max_pool_even_bwd(residuals, grad):
+  x, pooled = residuals
+  n, height, width, channels = x.shape
+  windows = x.reshape(n, height // 2, 2, width // 2, 2, channels)
+  best = pooled[:, :, None, :, None, :]
+  return (_winners_gradient(windows, best, grad, (2, 4)).reshape(x.shape),)
+
+
+_max_pool_even.defvjp(_max_pool_even_fwd, _max_pool_even_bwd)
 
 
 # Output positions (N * H' * W') up to which a convolution with several input channels is computed
@@ -49,7 +112,8 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
       feature_group_count=feature_group_count, precision=precision)
   ones = lambda dims: dims is None or all(d == 1 for d in dims)  # noqa: E731
-  if not (jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
+  if _plain or not (
+          jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
           == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
           and ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
@@ -103,6 +167,130 @@ def _windows_conv_bwd(padding, residuals, grad):
 
 
 _windows_conv.defvjp(_windows_conv_fwd, _windows_conv_bwd)
+
+
+# Pooling windows (N * H'/2 * W'/2) up to which conv_max_pool_2x2 computes the convolution and the
+# pooling apart, and ConvReluMaxPool in linen's order (bias, ReLU, then pooling): a batch-1
+# ConvNet forward pass took 150-230 us with the product form and 96-149 us in the earlier order
+# (2-core AVX2 EPYC, one-off timing script), though the first block alone ran level either way.
+SMALL_POOLED_WINDOWS = 256
+
+
+def conv_max_pool_2x2(x: jnp.ndarray, kernel: jnp.ndarray, padding="SAME") -> jnp.ndarray:
+  """`max_pool_2x2` of the stride-1 NHWC/HWIO convolution of `x` with `kernel`.
+
+  With one input channel (an MNIST model's first layer) on the CPU, each pooling window's four
+  outputs come from one (KH+1)x(KW+1) patch of the image, so the convolution and the pooling's
+  layout are one matrix product: patches (N, H'/2, W'/2, (KH+1)(KW+1)) times the kernel placed at
+  the window's four offsets ((KH+1)(KW+1), 4F), then a max over the four. XLA:CPU runs the
+  one-channel convolution at ~6-12 GFLOP/s and the product several times faster; the ConvNet
+  trained ~1.3x faster with it (docs/performance.md). The gradients are XLA's convolution
+  gradients of the pooled window's winner, ties split as `max_pool_2x2`'s; values match the
+  plain form to float rounding, not bit for bit.
+  """
+  padding = _pairs(x, kernel, padding)
+  if _plain or _few_windows(x, kernel, padding) or not (
+      jax.default_backend() == "cpu" and x.ndim == 4 and kernel.ndim == 4 and kernel.shape[2] == 1
+      and x.dtype == kernel.dtype == jnp.float32):
+    return max_pool_2x2(conv(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  return _conv_pool_product(x, kernel, padding)
+
+
+def _pairs(x, kernel, padding):
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
+  return tuple(tuple(int(p) for p in pair) for pair in padding)
+
+
+def _few_windows(x, kernel, padding) -> bool:
+  windows = (x.shape[0] * ((x.shape[1] + sum(padding[0]) - kernel.shape[0] + 1) // 2)
+             * ((x.shape[2] + sum(padding[1]) - kernel.shape[1] + 1) // 2))
+  return isinstance(windows, int) and windows <= SMALL_POOLED_WINDOWS  # a symbolic batch: many
+
+
+def _pooled_windows(x, kernel, padding):
+  """The convolution's outputs at each pooling window's four positions, (N, H'/2, W'/2, 4, F)."""
+  (top, bottom), (left, right) = padding
+  kh, kw, _, features = kernel.shape
+  pooled_h = (x.shape[1] + top + bottom - kh + 1) // 2
+  pooled_w = (x.shape[2] + left + right - kw + 1) // 2
+  # Window (i, j) reads the padded image's 2x2 blocks i..i+bh-1, j..j+bw-1: the image as 2x2 blocks
+  # (space to depth) and bh*bw shifted slices of it are the patches, cheaper to gather than
+  # (KH+1)(KW+1) strided slices.
+  bh, bw = (kh + 2) // 2, (kw + 2) // 2
+  rows, columns = 2 * (pooled_h + bh - 1), 2 * (pooled_w + bw - 1)
+  image = jnp.pad(jax.lax.squeeze(x, (3,)), ((0, 0), (top, max(0, rows - x.shape[1] - top)),
+                              (left, max(0, columns - x.shape[2] - left))))
+  # lax slices, not indexing: with a symbolic batch (jax.export) indexing becomes a dynamic gather.
+  image = jax.lax.slice_in_dim(jax.lax.slice_in_dim(image, 0, rows, axis=1), 0, columns, axis=2)
+  n = x.shape[0]
+  blocks = image.reshape(n, rows // 2, 2, columns // 2, 2).transpose(0, 1, 3, 2, 4)
+  blocks = blocks.reshape(n, rows // 2, columns // 2, 4)
+  shifted = lambda i, j: jax.lax.slice_in_dim(  # noqa: E731
+      jax.lax.slice_in_dim(blocks, i, i + pooled_h, axis=1), j, j + pooled_w, axis=2)
+  patches = jnp.concatenate([shifted(i, j) for i in range(bh) for j in range(bw)], axis=-1)
+  # The kernel at the window's offsets (0,0), (0,1), (1,0), (1,1) of its (2bh)x(2bw) patch, its
+  # rows and columns ordered as the patches' (block, then position in the block).
+  kernel = kernel[:, :, 0, :]
+  placed = jnp.stack([jnp.pad(kernel, ((a, 2 * bh - kh - a), (b, 2 * bw - kw - b), (0, 0)))
+                      for a in (0, 1) for b in (0, 1)], axis=2)
+  placed = placed.reshape(bh, 2, bw, 2, 4 * features).transpose(0, 2, 1, 3, 4)
+  windows = patches @ placed.reshape(4 * bh * bw, 4 * features)
+  return windows.reshape(*windows.shape[:3], 4, features)
+
+
+def _max_of_four(windows):  # (..., 4, F) -> (..., F), as elementwise maxima (see max_pool_2x2)
+  window = lambda i: jax.lax.index_in_dim(windows, i, windows.ndim - 2, False)  # noqa: E731
+  return jnp.maximum(jnp.maximum(window(0), window(1)), jnp.maximum(window(2), window(3)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_pool_product(x, kernel, padding):
+  return _max_of_four(_pooled_windows(x, kernel, padding))
+
+
+def _conv_pool_product_fwd(x, kernel, padding):
+  windows = _pooled_windows(x, kernel, padding)
+  pooled = _max_of_four(windows)
+  return pooled, (x, kernel, windows, pooled)
+
+
+def _conv_pool_product_bwd(padding, residuals, grad):
+  x, kernel, windows, pooled = residuals
+  window_grad = _winners_gradient(windows, pooled[:, :, :, None, :], grad, (3,))
+  n, pooled_h, pooled_w, _, features = windows.shape
+  conv_grad = window_grad.reshape(n, pooled_h, pooled_w, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
+  conv_grad = conv_grad.reshape(n, 2 * pooled_h, 2 * pooled_w, features)
+  (top, bottom), (left, right) = padding
+  out_h = x.shape[1] + top + bottom - kernel.shape[0] + 1
+  out_w = x.shape[2] + left + right - kernel.shape[1] + 1
+  # The row and column an odd-sized output loses to pooling get no gradient.
+  conv_grad = jnp.pad(conv_grad, ((0, 0), (0, out_h - 2 * pooled_h), (0, out_w - 2 * pooled_w), (0, 0)))
+  return jax.vjp(lambda x, kernel: _conv_nhwc(x, kernel, padding), x, kernel)[1](conv_grad)
+
+
+_conv_pool_product.defvjp(_conv_pool_product_fwd, _conv_pool_product_bwd)
+
+
+class ConvReluMaxPool(nn.Module):
+  """`max_pool_2x2(relu(nn.Conv(features, kernel_size, padding)(x)))` with nn.Conv's parameters
+  (name it as the nn.Conv it replaces and checkpoints load unchanged), computed as
+  relu(conv_max_pool_2x2(x, kernel) + bias): the same values, since a max commutes with adding a
+  per-channel bias and with ReLU, with the bias and ReLU on a quarter of the elements."""
+
+  features: int
+  kernel_size: tuple = (3, 3)
+  padding: str = "SAME"
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    if _few_windows(x, kernel, _pairs(x, kernel, self.padding)):  # see SMALL_POOLED_WINDOWS
+      convolved = conv(x, kernel, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      return max_pool_2x2(nn.relu(convolved + bias))
+    return nn.relu(conv_max_pool_2x2(x, kernel, self.padding) + bias)
 
 
 def normal(stddev: float = 1e-2):

@@ -16,10 +16,9 @@ class LeNet5(nn.Module):
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
     del train  # no dropout or BatchNorm
-    x = nn.relu(layers.Conv(6, kernel_size=(5, 5), padding="SAME")(x))  # 28x28 in, as the 32x32 original's C1 out
-    x = layers.max_pool_2x2(x)
-    x = nn.relu(layers.Conv(16, kernel_size=(5, 5), padding="VALID")(x))
-    x = layers.max_pool_2x2(x)
+    # 28x28 in, as the 32x32 original's C1 out; each convolution with its ReLU and pooling.
+    x = layers.ConvReluMaxPool(6, (5, 5), padding="SAME", name="Conv_0")(x)
+    x = layers.ConvReluMaxPool(16, (5, 5), padding="VALID", name="Conv_1")(x)
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(120)(x))
     x = nn.relu(nn.Dense(84)(x))

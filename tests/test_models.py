@@ -93,8 +93,15 @@ def test_max_pool_2x2_matches_linen_values_and_gradients(shape):
   linen = lambda x: nn.max_pool(x, (2, 2), (2, 2))  # noqa: E731
   assert jnp.array_equal(max_pool_2x2(x), linen(x))
   weights = jax.random.normal(jax.random.PRNGKey(1), linen(x).shape)
-  grad = lambda pool: jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)  # noqa: E731
+  grad = lambda pool, x=x: jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)  # noqa: E731
   assert jnp.array_equal(grad(max_pool_2x2), grad(linen))
+  # Ties (ReLU's zeros, rounded pixels): linen's gradient goes to one winner, max_pool_2x2's is
+  # shared evenly, as a max over the window axes shares it.
+  ties = jnp.round(x)
+  n, h, w, c = x.shape
+  window_max = lambda x: x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))  # noqa: E731
+  assert jnp.array_equal(max_pool_2x2(ties), window_max(ties))
+  assert jnp.array_equal(grad(max_pool_2x2, ties), grad(window_max, ties))
 
 
 @pytest.mark.parametrize("features, kernel, padding, in_channels, shape", [
@@ -127,6 +134,38 @@ def test_conv_layer_matches_nn_conv(features, kernel, padding, in_channels, shap
   np.testing.assert_allclose(apply(fast)(variables, x), apply(plain)(variables, x), rtol=1e-6, atol=1e-6)
   for a, b in zip(jax.tree.leaves(grad(fast)), jax.tree.leaves(grad(plain))):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("features, kernel, padding, in_channels, shape", [
+    (16, (3, 3), "SAME", 1, (16, 28, 28)), (6, (5, 5), "SAME", 1, (16, 28, 28)),
+    (16, (5, 5), "VALID", 1, (16, 28, 28)),  # a 24x24 output
+    (8, (3, 3), "VALID", 1, (4, 13, 12)),  # an odd 11x10 output: pooling drops its last row
+    (8, (3, 3), ((2, 0), (1, 1)), 1, (1, 28, 28)),
+    (32, (3, 3), "SAME", 16, (16, 14, 14)), (16, (5, 5), "VALID", 6, (8, 14, 14)),  # lax's conv
+])
+def test_conv_relu_max_pool_matches_the_plain_layers(features, kernel, padding, in_channels, shape):
+  """layers.ConvReluMaxPool computes a one-channel convolution and its pooling as one matrix
+  product (a custom gradient) and moves bias and ReLU after the pooling: nn.Conv's parameters, and
+  max_pool_2x2(relu(nn.Conv)) 's outputs and gradients within float32 rounding."""
+  import flax.linen as nn
+
+  from flaxzoo.models import layers
+  x = jax.random.uniform(jax.random.PRNGKey(0), (*shape, in_channels))
+  conv, fused = nn.Conv(features, kernel, padding=padding), layers.ConvReluMaxPool(features, kernel, padding)
+  variables = conv.init(jax.random.PRNGKey(1), x)
+  variables = jax.tree.map(lambda v: v + 0.1, variables)  # a nonzero bias, so its place matters
+  assert jax.tree.all(jax.tree.map(
+      jnp.array_equal, conv.init(jax.random.PRNGKey(1), x), fused.init(jax.random.PRNGKey(1), x)))
+  plain = lambda v, x: layers.max_pool_2x2(nn.relu(conv.apply(v, x)))  # noqa: E731
+  hlo = jax.jit(fused.apply).lower(variables, x).as_text(dialect="hlo")
+  assert ("convolution(" in hlo) == (in_channels > 1)  # the form expected is the one that runs
+  np.testing.assert_allclose(jax.jit(fused.apply)(variables, x), jax.jit(plain)(variables, x),
+                             rtol=1e-5, atol=1e-5)
+  weights = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(plain, variables, x).shape)
+  grad = lambda apply: jax.jit(jax.grad(  # noqa: E731
+      lambda v, x: jnp.sum(jnp.tanh(apply(v, x)) * weights), argnums=(0, 1)))(variables, x)
+  for a, b in zip(jax.tree.leaves(grad(fused.apply)), jax.tree.leaves(grad(plain))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
 
 
 # Eager init compiles every op on its own (~10 s for resnet or a 6-block vit_tiny): one block of
