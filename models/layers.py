@@ -183,8 +183,8 @@ def conv_max_pool_2x2(x: jnp.ndarray, kernel: jnp.ndarray, padding="SAME") -> jn
   outputs come from one (KH+1)x(KW+1) patch of the image, so the convolution and the pooling's
   layout are one matrix product: patches (N, H'/2, W'/2, (KH+1)(KW+1)) times the kernel placed at
   the window's four offsets ((KH+1)(KW+1), 4F), then a max over the four. XLA:CPU runs the
-  one-channel convolution at ~6-12 GFLOP/s and the product several times faster; the ConvNet
-  trained ~1.3x faster with it (docs/performance.md). The gradients are XLA's convolution
+  one-channel convolution at ~6-15 GFLOP/s; with the product the ConvNet trained at 1.14-1.15x
+  PyTorch eager's rate instead of 0.97-1.01x (docs/performance.md). The gradients are XLA's convolution
   gradients of the pooled window's winner, ties split as `max_pool_2x2`'s; values match the
   plain form to float rounding, not bit for bit.
   """
@@ -275,8 +275,9 @@ _conv_pool_product.defvjp(_conv_pool_product_fwd, _conv_pool_product_bwd)
 class ConvReluMaxPool(nn.Module):
   """`max_pool_2x2(relu(nn.Conv(features, kernel_size, padding)(x)))` with nn.Conv's parameters
   (name it as the nn.Conv it replaces and checkpoints load unchanged), computed as
-  relu(conv_max_pool_2x2(x, kernel) + bias): the same values, since a max commutes with adding a
-  per-channel bias and with ReLU, with the bias and ReLU on a quarter of the elements."""
+  relu(conv_max_pool_2x2(x, kernel) + bias). The reordering is exact, since a max commutes with
+  adding a per-channel bias and with ReLU, and puts the bias and ReLU on a quarter of the elements;
+  the one-channel product rounds differently from XLA's convolution (see conv_max_pool_2x2)."""
 
   features: int
   kernel_size: tuple = (3, 3)
