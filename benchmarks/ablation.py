@@ -3,9 +3,9 @@ forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2`, 
 `models.layers.Conv`, and with each convolution, its ReLU and its pooling as
 `models.layers.ConvReluMaxPool` (the ConvNet now), under XLA:CPU's YNNPACK fusions on (jaxlib's
 default) or off (flaxzoo's setting, flaxzoo.runtime) or any XLA_FLAGS given with --xla-flags, and
-with glibc mapping large blocks as it does by default (its dynamic thresholds at their ceiling: blocks over 32 MB mapped
-fresh on every allocation) instead of flaxzoo's heap-only setting, against PyTorch eager in the
-same process. The eval rows run the batch in one pass, except one that runs it in passes as
+with glibc mapping large blocks as it does by default (its dynamic thresholds at their ceiling:
+blocks over 32 MB mapped fresh on every allocation) instead of flaxzoo's heap-only setting, against
+PyTorch eager in the same process. The eval rows run the batch in one pass, except one that runs it in passes as
 `flaxzoo eval` does (`training.evaluation.passes_for`).
 
 XLA flags are fixed when XLA starts, so each flag setting runs in its own child process; within a

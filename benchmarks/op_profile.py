@@ -21,7 +21,7 @@ from flaxzoo import runtime
 from flaxzoo.benchmarks import bench, machine
 from flaxzoo.models import layers
 
-NHWC = ("NHWC", "HWIO", "NHWC")
+NHWC = layers.NHWC
 
 
 def conv_flops(batch, height, width, cin, cout, kernel=3) -> float:

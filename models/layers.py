@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+NHWC = ("NHWC", "HWIO", "NHWC")  # images, kernels, outputs: linen's layout
 _plain = False  # see plain_convolutions
 
 
@@ -84,6 +85,19 @@ def _max_pool_even_bwd(residuals, grad):
 _max_pool_even.defvjp(_max_pool_even_fwd, _max_pool_even_bwd)
 
 
+def _pairs(x, kernel, padding):
+  """Padding as ((top, bottom), (left, right)) for a stride-1 convolution, from a string or pairs."""
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
+  return tuple(tuple(int(p) for p in pair) for pair in padding)
+
+
+def _output_size(x, kernel, padding):
+  """(H', W') of the stride-1 convolution of NHWC `x` with HWIO `kernel`, padding as pairs."""
+  (top, bottom), (left, right) = padding
+  return x.shape[1] + top + bottom - kernel.shape[0] + 1, x.shape[2] + left + right - kernel.shape[1] + 1
+
+
 # Output positions (N * H' * W') up to which a convolution with several input channels is computed
 # as a matrix product too. XLA:CPU hands even a batch-1 convolution to its thread pool, and waking
 # the other core cost more than the convolution (14x14x16->32 at batch 1, async dispatch off, on a
@@ -115,16 +129,13 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
   if _plain or not (
           jax.default_backend() == "cpu" and lhs.ndim == 4 and rhs.ndim == 4 and lhs.dtype == rhs.dtype == jnp.float32
           and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-          == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+          == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
           and ones(window_strides) and ones(lhs_dilation) and ones(rhs_dilation)
           and feature_group_count == 1 and precision is None):
     return plain(lhs, rhs)
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], (1, 1), padding)
-  padding = tuple(tuple(int(p) for p in pair) for pair in padding)
-  (top, bottom), (left, right) = padding
-  positions = (lhs.shape[0] * (lhs.shape[1] + top + bottom - rhs.shape[0] + 1)
-               * (lhs.shape[2] + left + right - rhs.shape[1] + 1))
+  padding = _pairs(lhs, rhs, padding)
+  out_h, out_w = _output_size(lhs, rhs, padding)
+  positions = lhs.shape[0] * out_h * out_w
   small = isinstance(positions, int) and positions <= SMALL_CONV_POSITIONS  # a symbolic batch: large
   if rhs.shape[2] > 1 and not small:
     return plain(lhs, rhs)
@@ -148,7 +159,7 @@ def _windows_dot(x, kernel, padding):
 
 def _conv_nhwc(x, kernel, padding):
   return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                      dimension_numbers=NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -192,19 +203,13 @@ def conv_max_pool_2x2(x: jnp.ndarray, kernel: jnp.ndarray, padding="SAME") -> jn
   if _plain or _few_windows(x, kernel, padding) or not (
       jax.default_backend() == "cpu" and x.ndim == 4 and kernel.ndim == 4 and kernel.shape[2] == 1
       and x.dtype == kernel.dtype == jnp.float32):
-    return max_pool_2x2(conv(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return max_pool_2x2(conv(x, kernel, (1, 1), padding, dimension_numbers=NHWC))
   return _conv_pool_product(x, kernel, padding)
 
 
-def _pairs(x, kernel, padding):
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], (1, 1), padding)
-  return tuple(tuple(int(p) for p in pair) for pair in padding)
-
-
 def _few_windows(x, kernel, padding) -> bool:
-  windows = (x.shape[0] * ((x.shape[1] + sum(padding[0]) - kernel.shape[0] + 1) // 2)
-             * ((x.shape[2] + sum(padding[1]) - kernel.shape[1] + 1) // 2))
+  out_h, out_w = _output_size(x, kernel, padding)
+  windows = x.shape[0] * (out_h // 2) * (out_w // 2)
   return isinstance(windows, int) and windows <= SMALL_POOLED_WINDOWS  # a symbolic batch: many
 
 
@@ -212,8 +217,8 @@ def _pooled_windows(x, kernel, padding):
   """The convolution's outputs at each pooling window's four positions, (N, H'/2, W'/2, 4, F)."""
   (top, bottom), (left, right) = padding
   kh, kw, _, features = kernel.shape
-  pooled_h = (x.shape[1] + top + bottom - kh + 1) // 2
-  pooled_w = (x.shape[2] + left + right - kw + 1) // 2
+  out_h, out_w = _output_size(x, kernel, padding)
+  pooled_h, pooled_w = out_h // 2, out_w // 2
   # Window (i, j) reads the padded image's 2x2 blocks i..i+bh-1, j..j+bw-1: the image as 2x2 blocks
   # (space to depth) and bh*bw shifted slices of it are the patches, cheaper to gather than
   # (KH+1)(KW+1) strided slices.
@@ -261,9 +266,7 @@ def _conv_pool_product_bwd(padding, residuals, grad):
   n, pooled_h, pooled_w, _, features = windows.shape
   conv_grad = window_grad.reshape(n, pooled_h, pooled_w, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
   conv_grad = conv_grad.reshape(n, 2 * pooled_h, 2 * pooled_w, features)
-  (top, bottom), (left, right) = padding
-  out_h = x.shape[1] + top + bottom - kernel.shape[0] + 1
-  out_w = x.shape[2] + left + right - kernel.shape[1] + 1
+  out_h, out_w = _output_size(x, kernel, padding)
   # The row and column an odd-sized output loses to pooling get no gradient.
   conv_grad = jnp.pad(conv_grad, ((0, 0), (0, out_h - 2 * pooled_h), (0, out_w - 2 * pooled_w), (0, 0)))
   return jax.vjp(lambda x, kernel: _conv_nhwc(x, kernel, padding), x, kernel)[1](conv_grad)
@@ -289,7 +292,7 @@ class ConvReluMaxPool(nn.Module):
                         (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     if _few_windows(x, kernel, _pairs(x, kernel, self.padding)):  # see SMALL_POOLED_WINDOWS
-      convolved = conv(x, kernel, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      convolved = conv(x, kernel, (1, 1), self.padding, dimension_numbers=NHWC)
       return max_pool_2x2(nn.relu(convolved + bias))
     return nn.relu(conv_max_pool_2x2(x, kernel, self.padding) + bias)
 
