@@ -333,7 +333,7 @@ def _train_and_evaluate_locked(config: Config, workdir: Path, layout: parallel.L
   parallel.barrier(layout, "workdir ready")  # unreadable steps set aside, before any lists steps
   manager = checkpoint.open_manager(workdir)
   run = Run(config, workdir, model, info, steps_per_epoch, manager, metrics_log, lineage,
-            learning_rate_schedule(config, total_steps),
+            jax.jit(learning_rate_schedule(config, total_steps)),  # one program, not ~20 eager ops
             StepProfiler(config.profile_steps, workdir / "profile"), layout, dataset_moves)
   try:
     with StopRequests(multi_process=layout.num_processes > 1) as stop:
