@@ -25,12 +25,11 @@ PHASES = ("Python start", "imports", "XLA setup", "data load", "train state (ini
           "curves picture", "rest of the training loop", "CLI, exit and the rest")
 
 
-def _child(out_path: str, train_args: list[str]) -> int:
+def _child(out_path: str, spawned_at: float, train_args: list[str]) -> int:
   """In the fresh process: times the phases of one `flaxzoo train`, writes them to out_path and
-  returns the command's exit code."""
-  import psutil  # orbax-checkpoint's and tfds's dependency
-  first_line = time.time()
-  seconds = collections.Counter({"Python start": first_line - psutil.Process().create_time()})
+  returns the command's exit code. `spawned_at`: the parent's time.time() as it started this
+  process (a process's own create_time is off by ~0.9 s in a KVM guest: psutil's boot time)."""
+  seconds = collections.Counter({"Python start": time.time() - spawned_at})
   start = time.perf_counter()
   import jax  # what the command imports on its way (none of it starts XLA's backend)
 
@@ -90,10 +89,11 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--runs", type=int, default=1, help="fresh processes, one after another (1)")
   parser.add_argument("--child", help=argparse.SUPPRESS)
+  parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
   args, train_args = parser.parse_known_args(argv)
   train_args = [a for a in train_args if a != "--"]
   if args.child:
-    return _child(args.child, train_args)
+    return _child(args.child, args.spawned_at, train_args)
   from flaxzoo.benchmarks import machine
   print(machine.machine_line())
   runs = []
@@ -101,9 +101,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
       out = os.path.join(scratch, "phases.json")
       workdir = os.path.join(scratch, "run")
-      command = [sys.executable, "-m", "flaxzoo.benchmarks.fast_breakdown", "--child", out,
-                 "--workdir", workdir, *train_args]
       began = time.perf_counter()
+      command = [sys.executable, "-m", "flaxzoo.benchmarks.fast_breakdown", "--child", out,
+                 "--spawned-at", repr(time.time()), "--workdir", workdir, *train_args]
       done = subprocess.run(command, capture_output=True, text=True)
       wall = time.perf_counter() - began
       if done.returncode or not os.path.exists(out):

@@ -161,7 +161,8 @@ def test_named_config_fast_and_overrides():
   from flaxzoo.training.config import default_workdir
   from flaxzoo.training.configs import named_config
   fast = named_config("fast")
-  assert (fast.model, fast.epochs, fast.batch_size, fast.learning_rate) == ("convnet", 2, 128, 1.5e-2)
+  assert (fast.model, fast.epochs, fast.batch_size, fast.learning_rate, fast.label_smoothing) == (
+      "convnet", 1, 64, 2e-2, 0.1)
   assert fast.config_file.endswith("configs/fast.toml")
   assert named_config("fast", epochs=5, model="lenet5").epochs == 5  # flags beside --config win
   assert default_workdir(fast, "fast") == "checkpoints/mnist-convnet-fast"  # not the main run's

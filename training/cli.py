@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("train", parents=[training_flags],
                      help="train a model (continues from WORKDIR's latest checkpoint)")
   p.add_argument("--config", metavar="NAME|FILE", help="a TOML config file of training.Config "
-                 "fields, or the name of one in configs/: fast (>= 99%% on MNIST in two epochs) or "
+                 "fields, or the name of one in configs/: fast (>= 99%% on MNIST in one epoch) or "
                  "a model's recipe; the other flags override it")
   p.add_argument("--model", help="registered model name (default convnet)")
   p.add_argument("--dataset", help="tfds dataset name (default mnist) or folder:PATH")
