@@ -183,6 +183,16 @@ def test_jitted_init_matches_the_eager_init(name, kwargs):
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
 
 
+def test_run_once_compilation_keeps_the_default_levels_bits():
+  """The train state is compiled at XLA's backend level 1 for a quicker start (state.run_once): the
+  initial parameters must stay those of the default level, or seeded runs would change."""
+  from flaxzoo.training import state
+  model, key = create_model("convnet", num_classes=10), jax.random.PRNGKey(3)
+  init = lambda key: model.init(key, jnp.zeros((1, 28, 28, 1)), train=False)  # noqa: E731
+  default, quick = jax.jit(init)(key), state.run_once(init)(key)
+  assert jax.tree.all(jax.tree.map(np.array_equal, default, quick))
+
+
 def test_conv_layer_leaves_other_convolutions_to_lax():
   import flax.linen as nn
 
