@@ -65,8 +65,11 @@ def init_variables(model: nn.Module, key, input_shape) -> dict:
   """`model.init` at one example of `input_shape`, as one run-once program. Eagerly, every
   initializer and op compiled on its own: the ConvNet's init took 2.4 s from a cold start. The bits
   are the eager ones (tests/test_models.py checks every registered model)."""
-  return run_once(lambda key: model.init(key, jnp.zeros((1, *input_shape), jnp.float32),
-                                         train=False))(key)
+  return run_once(lambda key: _model_init(model, key, input_shape))(key)
+
+
+def _model_init(model: nn.Module, key, input_shape) -> dict:
+  return model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
 
 
 def create_train_state(model: nn.Module, config: Config, input_shape, total_steps: int) -> TrainState:
@@ -76,7 +79,7 @@ def create_train_state(model: nn.Module, config: Config, input_shape, total_step
 
   def initial_state() -> TrainState:
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = model.init(init_key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
+    variables = _model_init(model, init_key, input_shape)
     # The EMA gets buffers of its own: XLA copies an output that appears twice.
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx,
