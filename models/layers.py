@@ -117,9 +117,11 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
 
   XLA:CPU runs a convolution with one input channel (an MNIST model's first layer) at ~8 GFLOP/s,
   5.6x slower than PyTorch's (benchmarks/op_profile.py). As a matrix product its forward pass costs
-  a fifth of that and gives the same bits (tested on AVX2 and AVX-512 CPUs); its gradients stay
-  XLA's own convolution gradients. Only on the CPU backend, where it was measured: elsewhere every
-  convolution is lax's.
+  a fifth of that and gives the same bits (tested on AVX2 and AVX-512 CPUs), so training takes the
+  steps it took with nn.Conv; its gradients stay XLA's own convolution gradients. Evaluated without
+  differentiation on more than SMALL_CONV_POSITIONS positions, it is shifted taps instead, which
+  XLA fuses with the layers after it (values within float rounding of the product's). Only on the
+  CPU backend, where it was measured: elsewhere every convolution is lax's.
   """
   plain = functools.partial(
       jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
@@ -134,12 +136,47 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
           and feature_group_count == 1 and precision is None):
     return plain(lhs, rhs)
   padding = _pairs(lhs, rhs, padding)
-  out_h, out_w = _output_size(lhs, rhs, padding)
-  positions = lhs.shape[0] * out_h * out_w
-  small = isinstance(positions, int) and positions <= SMALL_CONV_POSITIONS  # a symbolic batch: large
-  if rhs.shape[2] > 1 and not small:
+  if rhs.shape[2] > 1 and not _few_positions(lhs, rhs, padding):
     return plain(lhs, rhs)
   return _windows_conv(lhs, rhs, padding)
+
+
+def _few_positions(x, kernel, padding) -> bool:
+  out_h, out_w = _output_size(x, kernel, padding)
+  positions = x.shape[0] * out_h * out_w
+  return isinstance(positions, int) and positions <= SMALL_CONV_POSITIONS  # a symbolic batch: many
+
+
+# Where an evaluated one-channel convolution is shifted taps rather than the product: kernels of
+# at most SHIFTED_TAPS_MAX taps over more than SHIFTED_TAPS_MIN_POSITIONS output positions. On the
+# AVX2 EPYC (one-off scripts, docs/performance.md) the ConvNet (3x3, 16 features) evaluated ~1.2x
+# faster that way at batch 1024 and 1.07-1.21x at batch 2-16, but 0.8-0.9x at batch 1 (784
+# positions); LeNet-5 (5x5, 6 features) 0.55-0.9x at batch 1024.
+SHIFTED_TAPS_MAX = 9
+SHIFTED_TAPS_MIN_POSITIONS = 1024
+
+
+def _as_shifted_taps(x, kernel, padding) -> bool:
+  out_h, out_w = _output_size(x, kernel, padding)
+  positions = x.shape[0] * out_h * out_w
+  many = not isinstance(positions, int) or positions > SHIFTED_TAPS_MIN_POSITIONS  # symbolic: many
+  return kernel.shape[2] == 1 and kernel.shape[0] * kernel.shape[1] <= SHIFTED_TAPS_MAX and many
+
+
+def _shifted_taps(x, kernel, padding):
+  """The one-input-channel convolution as a sum of KH*KW shifted copies of the image, each
+  times one tap's F weights: elementwise work, which XLA fuses with the pooling after it."""
+  (top, bottom), (left, right) = padding
+  kh, kw, _, _ = kernel.shape
+  out_h, out_w = _output_size(x, kernel, padding)
+  padded = jnp.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+  tap = lambda i, j: jax.lax.slice_in_dim(  # noqa: E731
+      jax.lax.slice_in_dim(padded, i, i + out_h, axis=1), j, j + out_w, axis=2) * kernel[i, j, 0]
+  total = tap(0, 0)
+  for i, j in itertools.product(range(kh), range(kw)):
+    if i or j:
+      total = total + tap(i, j)
+  return total
 
 
 def _windows_dot(x, kernel, padding):
@@ -162,8 +199,12 @@ def _conv_nhwc(x, kernel, padding):
                                       dimension_numbers=NHWC)
 
 
+# Evaluated without differentiation, a one-channel convolution is shifted taps (elementwise, fused
+# with what follows) where SHIFTED_TAPS_* say so; differentiated, the product.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _windows_conv(x, kernel, padding):
+  if _as_shifted_taps(x, kernel, padding):
+    return _shifted_taps(x, kernel, padding)
   return _windows_dot(x, kernel, padding)
 
 
@@ -249,8 +290,13 @@ def _max_of_four(windows):  # (..., 4, F) -> (..., F), as elementwise maxima (se
   return jnp.maximum(jnp.maximum(window(0), window(1)), jnp.maximum(window(2), window(3)))
 
 
+# Evaluated without differentiation (eval, predict, export), shifted taps fused with the pooling
+# where SHIFTED_TAPS_* say so; differentiated (training), the product, whose four windows the
+# gradient reuses.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv_pool_product(x, kernel, padding):
+  if _as_shifted_taps(x, kernel, padding):
+    return max_pool_2x2(_shifted_taps(x, kernel, padding))
   return _max_of_four(_pooled_windows(x, kernel, padding))
 
 

@@ -144,9 +144,10 @@ def test_conv_layer_matches_nn_conv(features, kernel, padding, in_channels, shap
     (32, (3, 3), "SAME", 16, (16, 14, 14)), (16, (5, 5), "VALID", 6, (8, 14, 14)),  # lax's conv
 ])
 def test_conv_relu_max_pool_matches_the_plain_layers(features, kernel, padding, in_channels, shape):
-  """layers.ConvReluMaxPool computes a one-channel convolution and its pooling as one matrix
-  product (a custom gradient) and moves bias and ReLU after the pooling: nn.Conv's parameters, and
-  max_pool_2x2(relu(nn.Conv)) 's outputs and gradients within float32 rounding."""
+  """layers.ConvReluMaxPool computes a one-channel convolution and its pooling as shifted taps
+  when evaluated and as one matrix product when differentiated (a custom gradient), and moves bias
+  and ReLU after the pooling: nn.Conv's parameters, and max_pool_2x2(relu(nn.Conv)) 's outputs
+  (both forms) and gradients within float32 rounding."""
   import flax.linen as nn
 
   from flaxzoo.models import layers
@@ -159,8 +160,14 @@ def test_conv_relu_max_pool_matches_the_plain_layers(features, kernel, padding, 
   plain = lambda v, x: layers.max_pool_2x2(nn.relu(conv.apply(v, x)))  # noqa: E731
   hlo = jax.jit(fused.apply).lower(variables, x).as_text(dialect="hlo")
   assert ("convolution(" in hlo) == (in_channels > 1)  # the form expected is the one that runs
-  np.testing.assert_allclose(jax.jit(fused.apply)(variables, x), jax.jit(plain)(variables, x),
-                             rtol=1e-5, atol=1e-5)
+  if in_channels == 1:  # evaluated: shifted taps (no product) for a 3x3 kernel over many positions
+    positions = np.prod(conv.apply(variables, x).shape[:3])
+    shifted = kernel == (3, 3) and positions > layers.SHIFTED_TAPS_MIN_POSITIONS
+    assert ("dot(" in hlo) != shifted
+  expected = jax.jit(plain)(variables, x)
+  np.testing.assert_allclose(jax.jit(fused.apply)(variables, x), expected, rtol=1e-5, atol=1e-5)
+  differentiated = jax.jit(lambda v, x: jax.vjp(fused.apply, v, x)[0])(variables, x)
+  np.testing.assert_allclose(differentiated, expected, rtol=1e-5, atol=1e-5)
   weights = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(plain, variables, x).shape)
   grad = lambda apply: jax.jit(jax.grad(  # noqa: E731
       lambda v, x: jnp.sum(jnp.tanh(apply(v, x)) * weights), argnums=(0, 1)))(variables, x)

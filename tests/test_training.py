@@ -176,14 +176,16 @@ def test_logits_in_passes_match_one_pass(name):
   variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
   images = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
   one_pass = np.asarray(logits_step(model, variables, images, passes=1))
-  for passes in (2, 3, 7) if name == "convnet" else (3,):  # 3, 7 don't divide 50: padding dropped
+  for passes in (2, 3, 7) if name == "convnet" else (3,):  # 3, 7 don't divide 50: a shorter last chunk
     in_passes = np.asarray(logits_step(model, variables, images, passes=passes))
     assert in_passes.shape == one_pass.shape
+    # written out, not a loop, whose body XLA:CPU would run on one thread
+    assert "while" not in logits_step.lower(model, variables, images, passes=passes).as_text()
     np.testing.assert_allclose(in_passes, one_pass, rtol=1e-5, atol=1e-6)
 
 
 def test_passes_keep_an_eval_batch_temporaries_small():
-  from flaxzoo.training.evaluation import EVAL_TEMP_BYTES, eval_step, passes_for
+  from flaxzoo.training.evaluation import EVAL_TEMP_BYTES, MAX_PASSES, eval_step, passes_for
   from flaxzoo.training.state import init_variables
 
   def temp_bytes(model, variables, batch, passes):
@@ -196,8 +198,10 @@ def test_passes_keep_an_eval_batch_temporaries_small():
   convnet = models.create_model("convnet", num_classes=10)
   variables = init_variables(convnet, jax.random.PRNGKey(0), (28, 28, 1))
   passes = passes_for(eval_step, convnet, variables, *batch)
-  assert temp_bytes(convnet, variables, batch, 1) > EVAL_TEMP_BYTES  # ~63 MB in one pass
+  assert temp_bytes(convnet, variables, batch, 1) > EVAL_TEMP_BYTES  # ~36 MB in one pass
   assert passes > 1 and temp_bytes(convnet, variables, batch, passes) <= EVAL_TEMP_BYTES
+  huge = (np.zeros((20000, 28, 28, 1), np.uint8), np.zeros(20000, np.int32), np.ones(20000, np.float32))
+  assert passes_for(eval_step, convnet, variables, *huge) == MAX_PASSES  # ~700 MB: the cap
   mlp = models.create_model("mlp", num_classes=10)
   assert passes_for(eval_step, mlp, init_variables(mlp, jax.random.PRNGKey(0), (28, 28, 1)),
                     *batch) == 1  # ~5 MB: one pass

@@ -13,33 +13,36 @@ from flaxzoo import data
 from flaxzoo.training import metrics
 from flaxzoo.training.steps import cross_entropy, to_model_input
 
-# The most temporary memory one evaluation or prediction call may take before its batch is split
-# into passes. XLA allocates a program's temporaries as one block on every call, often on one of
-# its own threads (strace). A block over 64 MB does not fit such a thread's malloc arena, so glibc
-# maps it afresh and every 4 kB page faults in again: ~19,000 faults in most ConvNet eval calls at
-# batch 1000, whatever models/xla_flags.py sets. In passes the block stays at most half that and is
-# reused; the MLP and ViT-tiny fit and run in one pass as before (docs/benchmarks.md, "Eval in
-# passes": test-set eval 1.15-1.95x faster where one-pass calls faulted, 0.93x where they did not).
+# Temporary memory per pass of one evaluation or prediction call. XLA allocates a program's
+# temporaries as one block on every call, often on one of its own threads (strace); a block over
+# 64 MB does not fit such a thread's malloc arena, so glibc maps it afresh and every 4 kB page
+# faults in again (~19,000 faults in a ConvNet eval call at batch 1000 without runtime.configure's
+# heap settings). A batch whose one-pass program needs more runs in one pass per EVAL_TEMP_BYTES:
+# smaller chunks, each computed while its data is in cache. The block shrinks less than the chunks,
+# as XLA may overlap them (batch 1024: the ConvNet 36.8 MB in one pass, 30.6 MB in two; ResNet
+# 73.5 MB, 65.3 MB in three); the MLP, LeNet-5 and ViT-tiny run in one pass.
 EVAL_TEMP_BYTES = 32 << 20
+MAX_PASSES = 16  # the passes are written out in the program: a bound on its size and compile time
 
 
 def logits_in_passes(model: nn.Module, variables, images, passes: int = 1):
   """Eval-mode logits of `images` (N, H, W, C), `passes` chunks one after another inside one
-  program (`lax.map`; the batch padded to a multiple of `passes`, the padding dropped)."""
+  program (the last chunk may be shorter). The chunks are written out, not a `lax.map`: XLA:CPU
+  runs the ops of a loop's body on one thread, and the ConvNet's eval at batch 1024 in 4-16
+  mapped passes ran at 0.6x the speed of the same passes written out."""
   apply = lambda x: model.apply(variables, to_model_input(x), train=False)  # noqa: E731
   if passes <= 1:
     return apply(images)
   n = images.shape[0]
   chunk = -(-n // passes)
-  padded = jnp.pad(images, ((0, chunk * passes - n),) + ((0, 0),) * (images.ndim - 1))
-  logits = jax.lax.map(apply, padded.reshape(passes, chunk, *images.shape[1:]))
-  return logits.reshape(passes * chunk, *logits.shape[2:])[:n]
+  return jnp.concatenate([apply(jax.lax.slice_in_dim(images, start, min(start + chunk, n)))
+                          for start in range(0, n, chunk)])
 
 
 def passes_for(jitted, model: nn.Module, variables, images, *rest) -> int:
-  """The `passes` that keeps the call `jitted(model, variables, images, *rest)` under
-  EVAL_TEMP_BYTES of temporaries (1 when one pass fits), from XLA's memory analysis of the one-pass
-  program, whose compilation that call then reuses. Remembered per shape."""
+  """The `passes` for the call `jitted(model, variables, images, *rest)`: one per EVAL_TEMP_BYTES
+  of the one-pass program's temporaries (XLA's memory analysis of that program, whose compilation
+  a one-pass call then reuses), at most MAX_PASSES. Remembered per shape."""
   leaves, treedef = jax.tree.flatten((variables, images, *rest))
   specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves)
   return _passes_for(jitted, model, treedef, specs, np.shape(images)[0])
@@ -50,7 +53,7 @@ def _passes_for(jitted, model, treedef, specs, batch: int) -> int:
   lowered = jitted.lower(model, *jax.tree.unflatten(treedef, specs), passes=1)
   analysis = lowered.compile().memory_analysis()
   temp = getattr(analysis, "temp_size_in_bytes", 0) or 0  # None: a backend without the analysis
-  return int(max(1, min(batch, -(-temp // EVAL_TEMP_BYTES))))
+  return int(max(1, min(batch, MAX_PASSES, -(-temp // EVAL_TEMP_BYTES))))
 
 
 TOP_K = 5
