@@ -5,8 +5,10 @@ forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2`, 
 default) or off (flaxzoo's setting, flaxzoo.runtime) or any XLA_FLAGS given with --xla-flags, and
 with glibc mapping large blocks as it does by default (its dynamic thresholds at their ceiling:
 blocks over 32 MB mapped fresh on every allocation) instead of flaxzoo's heap-only setting, against
-PyTorch eager in the same process. The eval rows run the batch in one pass, except one that runs it in passes as
-`flaxzoo eval` does (`training.evaluation.passes_for`).
+PyTorch eager in the same process. The eval rows run the batch in one pass, except those that run
+it in passes as `flaxzoo eval` does (`training.evaluation.passes_for`), written out (now) or as a
+`lax.map` (before); one more eval row computes the first convolution as the matrix product that
+training runs, as eval did before shifted taps (`models.layers.SHIFTED_TAPS_MAX`).
 
 XLA flags are fixed when XLA starts, so each flag setting runs in its own child process; within a
 process the variants and PyTorch take turns (medians over repeats), and every row is a ratio to the
@@ -41,6 +43,46 @@ class EarlierConvNet(nn.Module):
       x = pool(nn.relu(conv(width, (3, 3))(x)))
     x = nn.relu(nn.Dense(128)(x.reshape((x.shape[0], -1))))
     return nn.Dense(self.num_classes, name="head")(x)
+
+
+class ProductConvReluMaxPool(nn.Module):
+  """layers.ConvReluMaxPool of one input channel as it was evaluated before shifted taps: the
+  convolution and pooling as one matrix product (forward only: for the eval row)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    from flaxzoo.models import layers
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, 1, self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    windows = layers._pooled_windows(x, kernel, ((1, 1), (1, 1)))
+    return nn.relu(layers._max_of_four(windows) + bias)
+
+
+class ProductEvalConvNet(nn.Module):
+  """The ConvNet with the parameters of today's, evaluated with ProductConvReluMaxPool first."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    from flaxzoo.models import layers
+    x = ProductConvReluMaxPool(16, name="Conv_0")(x)
+    x = layers.ConvReluMaxPool(32, name="Conv_1")(x)
+    x = nn.relu(nn.Dense(128)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def mapped_logits(model, variables, images, passes: int):
+  """Eval in passes as before they were written out: a `lax.map` over the chunks."""
+  import jax
+  import jax.numpy as jnp
+
+  from flaxzoo.training.steps import to_model_input
+  n, chunk = images.shape[0], -(-images.shape[0] // passes)
+  padded = jnp.pad(images, ((0, chunk * passes - n),) + ((0, 0),) * (images.ndim - 1))
+  logits = jax.lax.map(lambda x: model.apply(variables, to_model_input(x)),
+                       padded.reshape(passes, chunk, *images.shape[1:]))
+  return logits.reshape(passes * chunk, -1)[:n]
 
 
 def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int = 1024) -> dict:
@@ -84,6 +126,19 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
     for _ in range(calls):
       logits_step(model, variables, eval_images, passes=passes).block_until_ready()
 
+  product_forward = jax.jit(ProductEvalConvNet().apply)
+  mapped = jax.jit(mapped_logits, static_argnums=(0, 3))
+
+  def jax_eval_as_product(calls=5):  # the first convolution as training's product
+    for _ in range(calls):
+      product_forward(states[now].variables(), to_model_input(eval_images)).block_until_ready()
+
+  def jax_eval_in_mapped_passes(calls=5):
+    model, variables = runner.model, states[now].variables()
+    passes = passes_for(logits_step, model, variables, eval_images)
+    for _ in range(calls):
+      mapped(model, variables, eval_images, passes).block_until_ready()
+
   def torch_eval(calls=5):
     for _ in range(calls):
       torch_runner.evaluate(eval_images)
@@ -93,6 +148,8 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
     work[f"train: {name}"] = (steps * batch_size, lambda name=name: jax_train(name))
     work[f"eval: {name}"] = (5 * eval_batch_size, lambda name=name: jax_eval(name))
   work[f"eval: {now}, in passes"] = (5 * eval_batch_size, jax_eval_in_passes)
+  work[f"eval: {now}, in passes as a lax.map"] = (5 * eval_batch_size, jax_eval_in_mapped_passes)
+  work["eval: ConvReluMaxPool, first one as the product"] = (5 * eval_batch_size, jax_eval_as_product)
   work["train: torch eager"] = (steps * batch_size,
                                 lambda: torch_runner.train_steps(images, labels, steps))
   work["eval: torch eager"] = (5 * eval_batch_size, torch_eval)

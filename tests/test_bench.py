@@ -118,3 +118,18 @@ def test_op_profile_times_the_same_ops_in_both_frameworks():
   assert {"conv2 forward", "conv2 input grad", "conv2 kernel grad", "dense1 forward"} <= set(ops)
   for row in rows:
     assert row["jax_ms"] > 0 and row["torch_eager_ms"] > 0 and row["gflop"] > 0, row
+
+
+def test_ablations_earlier_eval_forms_compute_the_convnets_logits():
+  """benchmarks/ablation.py's "before" eval rows (the first convolution as training's product;
+  passes as a lax.map) give today's ConvNet logits within float rounding, from its parameters."""
+  from flaxzoo.benchmarks import ablation
+  from flaxzoo.training.evaluation import logits_step
+  model = models.create_model("convnet", num_classes=10)
+  images, _ = bench.synthetic_batch(50)
+  variables = model.init(jax.random.PRNGKey(0), to_model_input(images))
+  now = np.asarray(logits_step(model, variables, images))
+  as_product = ablation.ProductEvalConvNet().apply(variables, to_model_input(images))
+  np.testing.assert_allclose(as_product, now, rtol=1e-5, atol=1e-6)
+  mapped = jax.jit(ablation.mapped_logits, static_argnums=(0, 3))(model, variables, images, 3)
+  np.testing.assert_allclose(mapped, now, rtol=1e-5, atol=1e-6)
