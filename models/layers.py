@@ -119,9 +119,9 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
   5.6x slower than PyTorch's (benchmarks/op_profile.py). As a matrix product its forward pass costs
   a fifth of that and gives the same bits (tested on AVX2 and AVX-512 CPUs), so training takes the
   steps it took with nn.Conv; its gradients stay XLA's own convolution gradients. Evaluated without
-  differentiation on more than SMALL_CONV_POSITIONS positions, it is shifted taps instead, which
-  XLA fuses with the layers after it (values within float rounding of the product's). Only on the
-  CPU backend, where it was measured: elsewhere every convolution is lax's.
+  differentiation, a small kernel over many positions (SHIFTED_TAPS_*) is shifted taps instead,
+  which XLA fuses with the layers after it (values within float rounding of the product's). Only
+  on the CPU backend, where it was measured: elsewhere every convolution is lax's.
   """
   plain = functools.partial(
       jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
@@ -149,9 +149,9 @@ def _few_positions(x, kernel, padding) -> bool:
 
 # Where an evaluated one-channel convolution is shifted taps rather than the product: kernels of
 # at most SHIFTED_TAPS_MAX taps over more than SHIFTED_TAPS_MIN_POSITIONS output positions. On the
-# AVX2 EPYC (one-off scripts, docs/performance.md) the ConvNet (3x3, 16 features) evaluated ~1.2x
-# faster that way at batch 1024 and 1.07-1.21x at batch 2-16, but 0.8-0.9x at batch 1 (784
-# positions); LeNet-5 (5x5, 6 features) 0.55-0.9x at batch 1024.
+# AVX2 EPYC (docs/performance.md) the ConvNet (3x3, 16 features) evaluated 1.2-1.4x faster that
+# way at batch 1024 and 1.07-1.21x at batch 2-16, but 0.8-0.9x at batch 1 (784 positions);
+# LeNet-5 (5x5, 6 features) 0.55-0.92x at batch 1024.
 SHIFTED_TAPS_MAX = 9
 SHIFTED_TAPS_MIN_POSITIONS = 1024
 

@@ -19,8 +19,9 @@ from flaxzoo.training.steps import cross_entropy, to_model_input
 # faults in again (~19,000 faults in a ConvNet eval call at batch 1000 without runtime.configure's
 # heap settings). A batch whose one-pass program needs more runs in one pass per EVAL_TEMP_BYTES:
 # smaller chunks, each computed while its data is in cache. The block shrinks less than the chunks,
-# as XLA may overlap them (batch 1024: the ConvNet 36.8 MB in one pass, 30.6 MB in two; ResNet
-# 73.5 MB, 65.3 MB in three); the MLP, LeNet-5 and ViT-tiny run in one pass.
+# as XLA may overlap them (batch 1024, runtime.configure's settings: the ConvNet 36.8 MB in one
+# pass, 30.6 MB in two; ResNet 73.5 MB, 65.3 MB in three); LeNet-5 (55.1 MB) runs in two, the MLP
+# and ViT-tiny in one.
 EVAL_TEMP_BYTES = 32 << 20
 MAX_PASSES = 16  # the passes are written out in the program: a bound on its size and compile time
 
