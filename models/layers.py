@@ -141,10 +141,16 @@ def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None
   return _windows_conv(lhs, rhs, padding)
 
 
-def _few_positions(x, kernel, padding) -> bool:
+def _output_positions(x, kernel, padding) -> int | None:
+  """N * H' * W' of the convolution's output; None for a symbolic batch (jax.export: many)."""
   out_h, out_w = _output_size(x, kernel, padding)
   positions = x.shape[0] * out_h * out_w
-  return isinstance(positions, int) and positions <= SMALL_CONV_POSITIONS  # a symbolic batch: many
+  return positions if isinstance(positions, int) else None
+
+
+def _few_positions(x, kernel, padding) -> bool:
+  positions = _output_positions(x, kernel, padding)
+  return positions is not None and positions <= SMALL_CONV_POSITIONS
 
 
 # Where an evaluated one-channel convolution is shifted taps rather than the product: kernels of
@@ -157,9 +163,8 @@ SHIFTED_TAPS_MIN_POSITIONS = 1024
 
 
 def _as_shifted_taps(x, kernel, padding) -> bool:
-  out_h, out_w = _output_size(x, kernel, padding)
-  positions = x.shape[0] * out_h * out_w
-  many = not isinstance(positions, int) or positions > SHIFTED_TAPS_MIN_POSITIONS  # symbolic: many
+  positions = _output_positions(x, kernel, padding)
+  many = positions is None or positions > SHIFTED_TAPS_MIN_POSITIONS
   return kernel.shape[2] == 1 and kernel.shape[0] * kernel.shape[1] <= SHIFTED_TAPS_MAX and many
 
 
