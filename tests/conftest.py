@@ -1,12 +1,18 @@
 """Shared fixtures. Real MNIST comes from the original raw files in ../shared/data/mnist (or
-$FLAXZOO_MANUAL_DIR/mnist), prepared once per test session into a data dir of its own."""
+$FLAXZOO_MANUAL_DIR/mnist), prepared once per test session into a data dir of its own.
+
+The suite runs in two pytest-xdist workers, one test file each at a time (`-n 2 --dist loadfile`
+in pyproject.toml): module fixtures stay in one process, and the session's expensive fixtures are
+made once by whichever worker asks first (`made_once`)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from flaxzoo import runtime
 
@@ -46,13 +52,30 @@ def mnist_raw_dir() -> Path:
   return found
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+  """A folder `make(folder)` fills once per test session: under xdist, the first worker to ask
+  makes it under a lock in the session's shared temp dir and the others wait, then read it."""
+  worker = os.environ.get("PYTEST_XDIST_WORKER")
+  if worker is None:
+    folder = tmp_path_factory.mktemp(name)
+    make(folder)
+    return folder
+  folder = tmp_path_factory.getbasetemp().parent / name  # this session's, beside each worker's own
+  with FileLock(f"{folder}.lock"):
+    if not (folder / ".made").is_file():  # a worker that failed half-way left no mark: start over
+      shutil.rmtree(folder, ignore_errors=True)
+      folder.mkdir()
+      make(folder)
+      (folder / ".made").touch()
+  return folder
+
+
 @pytest.fixture(scope="session")
 def mnist_data_dir(tmp_path_factory, mnist_raw_dir) -> str:
   """A tfds data dir with MNIST prepared from the real raw files (about 30 s, once)."""
   from flaxzoo import data
-  data_dir = str(tmp_path_factory.mktemp("tfds"))
-  data.prepare("mnist", data_dir, str(mnist_raw_dir))
-  return data_dir
+  return str(made_once(tmp_path_factory, "tfds", lambda folder: data.prepare("mnist", str(folder),
+                                                                             str(mnist_raw_dir))))
 
 
 def run_cli(*args, cwd=None, timeout=600):
@@ -89,11 +112,11 @@ def tiny_mnist_run(tmp_path_factory, mnist_data_dir) -> Path:
   """A tiny ConvNet trained for one short epoch on real MNIST (1,280 training and 500 test
   images): the source of the fine-tune tests and the checkpoint the analysis tests read."""
   from flaxzoo import training
-  workdir = tmp_path_factory.mktemp("tiny-mnist") / "mnist-tiny"
   config = training.Config(model_kwargs={"widths": [4, 8], "hidden": 16}, data_dir=mnist_data_dir, epochs=1,
                            batch_size=64, train_examples=1280, test_examples=500, learning_rate=3e-3)
-  training.train_and_evaluate(config, workdir)
-  return workdir
+  folder = made_once(tmp_path_factory, "tiny-mnist",
+                     lambda folder: training.train_and_evaluate(config, folder / "mnist-tiny"))
+  return folder / "mnist-tiny"
 
 
 def generated_images(count: int, shape=(28, 28, 1), seed: int = 0):

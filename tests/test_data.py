@@ -1,4 +1,5 @@
 import json
+import shutil
 import socket
 from pathlib import Path
 
@@ -87,11 +88,12 @@ def test_env_var_manual_dir_is_used(tmp_path, monkeypatch, mnist_raw_dir):
   assert local_dir == tmp_path and source == "--manual-dir"  # the flag wins over the variable
 
 
-def test_decoded_splits_are_kept_beside_the_prepared_data(mnist_data_dir):
+def test_decoded_splits_are_kept_beside_the_prepared_data(mnist_data_dir, tmp_path):
   """The first full load writes the decoded arrays into the prepared dataset's folder; later
   processes read them instead of decoding 70,000 PNGs; a damaged file is ignored, not trusted."""
-  images, labels = data.load_split("mnist", "test", mnist_data_dir)
-  cache_dir = next(Path(mnist_data_dir).glob(f"mnist/*/{data.datasets.DECODED_CACHE}"))
+  data_dir = str(shutil.copytree(mnist_data_dir, tmp_path / "tfds"))  # damaged below: not the shared one
+  images, labels = data.load_split("mnist", "test", data_dir)
+  cache_dir = next(Path(data_dir).glob(f"mnist/*/{data.datasets.DECODED_CACHE}"))
   cached = data.datasets._read_decoded(cache_dir, "test", len(labels))
   assert np.array_equal(cached[0], images) and np.array_equal(cached[1], labels)
   assert data.datasets._read_decoded(cache_dir, "test", len(labels) + 1) is None  # another size
@@ -100,7 +102,7 @@ def test_decoded_splits_are_kept_beside_the_prepared_data(mnist_data_dir):
     (cache_dir / "test-images.npy").write_bytes(saved[:1000])  # cut short, as by a full disk
     assert data.datasets._read_decoded(cache_dir, "test", len(labels)) is None
     data.datasets._load_split_cached.cache_clear()
-    again, _ = data.load_split("mnist", "test", mnist_data_dir)  # decoded again, and rewritten
+    again, _ = data.load_split("mnist", "test", data_dir)  # decoded again, and rewritten
     assert np.array_equal(again, images)
     assert (cache_dir / "test-images.npy").read_bytes() == saved
   finally:
