@@ -1,4 +1,7 @@
-"""ResNet: residual blocks with BatchNorm, the CIFAR-style 6n+2 family sized for small images."""
+"""ResNet: residual blocks with BatchNorm, the CIFAR-style 6n+2 family sized for small images.
+
+Its BatchNorm is layers.BatchNorm (nn.BatchNorm's variables, statistics as matrix products): the
+train step ran 1.10-1.15x faster for ResNet-8 and 1.06x for ResNet-14 (docs/performance.md)."""
 
 import functools
 from typing import Sequence
@@ -6,6 +9,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from flaxzoo.models import layers
 from flaxzoo.models.registry import register_model
 
 
@@ -17,7 +21,7 @@ class ResidualBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train, momentum=0.9)
     y = nn.Conv(self.width, (3, 3), strides=self.stride, use_bias=False)(x)
     y = nn.relu(norm()(y))
     y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
@@ -50,7 +54,7 @@ class ResNet(nn.Module):
     # nn.Conv, not layers.Conv: with BatchNorm after it, XLA fuses the matrix-product form
     # differently and ResNet's training would no longer repeat its published runs bit for bit.
     x = nn.Conv(self.widths[0], (3, 3), use_bias=False)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    x = nn.relu(layers.BatchNorm(use_running_average=not train, momentum=0.9)(x))
     for stage, width in enumerate(self.widths):
       for block in range(blocks_per_stage):
         stride = 2 if stage > 0 and block == 0 else 1

@@ -133,3 +133,26 @@ def test_ablations_earlier_eval_forms_compute_the_convnets_logits():
   np.testing.assert_allclose(as_product, now, rtol=1e-5, atol=1e-6)
   mapped = jax.jit(ablation.mapped_logits, static_argnums=(0, 3))(model, variables, images, 3)
   np.testing.assert_allclose(mapped, now, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_benchmark_builds_each_model_both_ways():
+  """benchmarks/batch_norm.py's swap: inside it the ResNet traces nn.BatchNorm's reductions (no
+  custom VJP), outside it layers.BatchNorm's; the swap is undone afterwards."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  from flaxzoo.benchmarks.batch_norm import batch_norm_everywhere
+  from flaxzoo.models import layers
+
+  def train_jaxpr():
+    model = models.create_model("resnet", num_classes=10)
+    x = jnp.zeros((2, 28, 28, 1))
+    variables = model.init(jax.random.key(0), x)
+    forward = lambda v: model.apply(v, x, train=True, mutable=["batch_stats"])
+    return str(jax.make_jaxpr(forward)(variables))
+
+  before = nn.BatchNorm, layers.BatchNorm
+  with batch_norm_everywhere(nn.BatchNorm):
+    assert "custom_vjp" not in train_jaxpr()
+  assert (nn.BatchNorm, layers.BatchNorm) == before
+  assert "custom_vjp" in train_jaxpr()

@@ -1,4 +1,7 @@
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,3 +211,54 @@ def test_conv_layer_leaves_other_convolutions_to_lax():
                   (dict(features=4, kernel_size=(3, 3), strides=2), jnp.ones((2, 8, 8, 1)))]:
     variables = nn.Conv(**conv).init(jax.random.PRNGKey(0), x)
     assert jnp.array_equal(layers.Conv(**conv).apply(variables, x), nn.Conv(**conv).apply(variables, x))
+
+
+@pytest.mark.parametrize("shape", [(16, 7, 7, 8), (8, 4, 4, 3), (32, 5)])
+def test_batch_norm_layer_matches_nn_batch_norm(shape):
+  """layers.BatchNorm: nn.BatchNorm's variables, eval outputs to the bit; in training its outputs,
+  updated statistics and gradients (parameters and input) within float rounding."""
+  from flaxzoo.models import layers
+  x = jax.random.normal(jax.random.PRNGKey(0), shape) * 2.0 + 0.5
+  w = jax.random.normal(jax.random.PRNGKey(1), shape)
+  ours, theirs = (cls(momentum=0.9, scale_init=nn.initializers.constant(1.3))
+                  for cls in (layers.BatchNorm, nn.BatchNorm))
+  variables = ours.init(jax.random.PRNGKey(2), x, use_running_average=False)
+  reference = theirs.init(jax.random.PRNGKey(2), x, use_running_average=False)
+  assert jax.tree.all(jax.tree.map(np.array_equal, variables, reference))  # names, shapes, values
+  variables = jax.tree.map(lambda v: v + 0.1, variables)
+  np.testing.assert_array_equal(ours.apply(variables, x, use_running_average=True),
+                                theirs.apply(variables, x, use_running_average=True))
+
+  def loss(module, params, x):
+    y, updates = module.apply({**variables, "params": params}, x, use_running_average=False,
+                              mutable=["batch_stats"])
+    return jnp.sum(jnp.tanh(y) * w), (y, updates)
+
+  (value, (y, stats)), grads = jax.jit(jax.value_and_grad(functools.partial(loss, ours), (0, 1), has_aux=True))(
+      variables["params"], x)
+  (value_ref, (y_ref, stats_ref)), grads_ref = jax.value_and_grad(
+      functools.partial(loss, theirs), (0, 1), has_aux=True)(variables["params"], x)
+  expected = jax.tree.leaves((value_ref, y_ref, stats_ref, grads_ref))
+  for got, want in zip(jax.tree.leaves((value, y, stats, grads)), expected, strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_statistics_are_differentiable_outputs():
+  """batch_norm_train's mean and variance carry their gradients too (as nn.BatchNorm's would)."""
+  from flaxzoo.models import layers
+  x = jax.random.normal(jax.random.PRNGKey(0), (6, 3, 3, 4)) + 1.0
+  scale, bias = jnp.full((4,), 0.7), jnp.full((4,), 0.2)
+
+  def plain(x, scale, bias):
+    mean = x.mean((0, 1, 2))
+    var = jnp.maximum((x * x).mean((0, 1, 2)) - mean * mean, 0.0)
+    return (x - mean) * (jax.lax.rsqrt(var + 1e-5) * scale) + bias, mean, var
+
+  def uses_all(norm, x, scale, bias):
+    y, mean, var = norm(x, scale, bias)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(mean ** 2) + jnp.sum(jnp.cos(var))
+
+  got = jax.grad(functools.partial(uses_all, lambda *a: layers.batch_norm_train(*a, 1e-5)), (0, 1, 2))(x, scale, bias)
+  want = jax.grad(functools.partial(uses_all, plain), (0, 1, 2))(x, scale, bias)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
