@@ -71,42 +71,45 @@ def batch_norm_everywhere(cls):
     nn.BatchNorm, layers.BatchNorm = before
 
 
-def step_rows(repeats: int):
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
+class StepRunner:
+  """One model built with one BatchNorm class, as bench.interleaved_rates takes its runners."""
 
-  from flaxzoo import models
+  def __init__(self, name: str, model_name: str, kwargs: dict, cls, images, labels):
+    import jax
+
+    from flaxzoo import models
+    from flaxzoo.training.config import Config
+    from flaxzoo.training.state import create_train_state
+    from flaxzoo.training.steps import train_step
+    self.name = name
+    with batch_norm_everywhere(cls):
+      model = models.create_model(model_name, num_classes=10, **kwargs)
+      state = create_train_state(model, Config(model=model_name, model_kwargs=kwargs), (28, 28, 1), 1000)
+      # a function of its own per variant (no trace shared through jit's caches), traced here,
+      # inside the swap
+      self.step = jax.jit(lambda state, images, labels: train_step(state, images, labels))
+      self.state = jax.block_until_ready(self.step(state, images, labels)[0])
+
+  def train_steps(self, images, labels, steps: int) -> None:
+    import jax
+    for _ in range(steps):
+      self.state, _ = self.step(self.state, images, labels)
+    jax.block_until_ready(self.state)
+
+
+def step_rows(repeats: int, steps: int = 10):
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  from flaxzoo.benchmarks import bench
   from flaxzoo.models import layers
-  from flaxzoo.training.config import Config
-  from flaxzoo.training.state import create_train_state
-  from flaxzoo.training.steps import train_step
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.integers(0, 256, (128, 28, 28, 1), dtype=np.uint8))
-  labels = jnp.asarray(rng.integers(0, 10, (128,), dtype=np.int32))
-  for name, kwargs in MODELS:
-    runs = {}
-    for label, cls in (("nn.BatchNorm", nn.BatchNorm), ("layers.BatchNorm", layers.BatchNorm)):
-      with batch_norm_everywhere(cls):
-        model = models.create_model(name, num_classes=10, **kwargs)
-        state = create_train_state(model, Config(model=name, model_kwargs=kwargs), (28, 28, 1), 1000)
-        # a function of its own per variant (no trace shared through jit's caches), traced here,
-        # inside the swap
-        step = jax.jit(lambda state, images, labels: train_step(state, images, labels))
-        state, _ = step(state, images, labels)
-      runs[label] = [jax.block_until_ready(state), step, []]
-    for _ in range(repeats):
-      for run in runs.values():
-        state, step, rates = run
-        start = time.perf_counter()
-        for _ in range(10):
-          state, _ = step(state, images, labels)
-        jax.block_until_ready(state)
-        rates.append(10 * len(labels) / (time.perf_counter() - start))
-        run[0] = state
-    plain, ours = (statistics.median(runs[k][2]) for k in ("nn.BatchNorm", "layers.BatchNorm"))
-    yield name, kwargs, plain, ours
+  images, labels = (jnp.asarray(a) for a in bench.synthetic_batch(128))
+  for model_name, kwargs in MODELS:
+    runners = [StepRunner(name, model_name, kwargs, cls, images, labels)
+               for name, cls in (("nn.BatchNorm", nn.BatchNorm), ("layers.BatchNorm", layers.BatchNorm))]
+    rates = bench.interleaved_rates(runners, lambda r: r.train_steps(images, labels, steps),
+                                    steps * len(labels), repeats)
+    yield model_name, kwargs, rates["nn.BatchNorm"], rates["layers.BatchNorm"]
 
 
 def main() -> None:

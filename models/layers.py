@@ -366,8 +366,8 @@ Conv = functools.partial(nn.Conv, conv_general_dilated=conv)
 
 def _channel_sums(x: jnp.ndarray) -> jnp.ndarray:
   """Per-channel sums of an (N, ..., C) array: a matrix product over the batch, then a small
-  reduction over the positions. XLA:CPU runs a reduction over batch × height × width on one
-  thread, ~4x slower than the product (docs/performance.md, "BatchNorm's statistics")."""
+  reduction over the positions. XLA:CPU runs a reduction over batch × height × width slowly: up
+  to 3.7x the time of this (docs/performance.md, "BatchNorm's statistics as matrix products")."""
   batch = x.shape[0]
   per_position = jnp.ones((1, batch), x.dtype) @ x.reshape(batch, -1)
   return per_position.reshape(-1, x.shape[-1]).sum(0)

@@ -1,7 +1,7 @@
 """ResNet: residual blocks with BatchNorm, the CIFAR-style 6n+2 family sized for small images.
 
 Its BatchNorm is layers.BatchNorm (nn.BatchNorm's variables, statistics as matrix products): the
-train step ran 1.10-1.15x faster for ResNet-8 and 1.06x for ResNet-14 (docs/performance.md)."""
+train step ran 1.09x faster for ResNet-8 and 1.11x for ResNet-14 (docs/performance.md)."""
 
 import functools
 from typing import Sequence
