@@ -3,8 +3,8 @@
 For one registered model, both frameworks get the same architecture with the same initial weights
 (`benchmarks.torch_twins`), the same batch of synthetic uint8 images, the same optimizer (AdamW on a
 one-cycle schedule) and the same input conversion inside the timed step. After a warm-up, the
-frameworks are timed in turns (interleaved repeats, so a noisy machine slows all of them alike) and
-medians are reported:
+frameworks are timed in turns (interleaved repeats, so a noisy machine slows all of them alike), each
+turn after one untimed call of its own (a train step, an eval call), and medians are reported:
 
 - train img/s at `batch_size`; eval img/s at `eval_batch_size`; batch-1 latency p50/p99 (host in,
   host out); compile / first-step time;
@@ -148,12 +148,21 @@ def timed(fn) -> float:
   return time.perf_counter() - start
 
 
-def interleaved_rates(runners, work, items_per_call: int, repeats: int) -> dict:
-  """Median items/s of `work(runner)` per runner, the runners taking turns in each repeat."""
+def interleaved_rates(runners, work, items_per_call: int, repeats: int, warmup=None,
+                      calls_per_turn: int = 1) -> dict:
+  """Median items/s of `work(runner)` per runner, the runners taking turns in each repeat, each
+  turn `calls_per_turn` timed calls. With `warmup`, a turn first calls `warmup(runner)` untimed:
+  the first calls after another framework ran are slower (its threads asleep, the other's still
+  spinning, its data out of cache), which a user's run of calls to one framework does not see (in
+  blocks of 15 eval calls at batch 1024, JAX's first call took 26-44k img/s and the rest 41-45k,
+  PyTorch eager's first 16-27k and the rest 29-31k; docs/benchmarks.md)."""
   rates = {r.name: [] for r in runners}
   for _ in range(repeats):
     for runner in runners:
-      rates[runner.name].append(items_per_call / timed(lambda: work(runner)))
+      if warmup is not None:
+        warmup(runner)
+      for _ in range(calls_per_turn):
+        rates[runner.name].append(items_per_call / timed(lambda: work(runner)))
   return {name: statistics.median(values) for name, values in rates.items()}
 
 
@@ -220,7 +229,7 @@ def run_benchmark(model_name: str = "convnet", batch_size: int = 128, eval_batch
   if unknown or "jax" not in frameworks:
     raise ValueError(f"frameworks must include jax and be among {', '.join(FRAMEWORKS)}; "
                      f"got {', '.join(frameworks)}")
-  total_steps = (repeats + 2) * steps + 10
+  total_steps = (repeats + 2) * steps + repeats + 10  # + each turn's warm-up step
   cpu = machine.cpu_description()
   result = {"model": model_name, "batch_size": batch_size, "eval_batch_size": eval_batch_size,
             "steps_per_repeat": steps, "repeats": repeats, "device": machine.device_line(cpu),
@@ -249,8 +258,9 @@ def run_benchmark(model_name: str = "convnet", batch_size: int = 128, eval_batch
   result["matmul_peak_gflops"] = machine.matmul_gflops()
 
   train = interleaved_rates(runners, lambda r: r.train_steps(images, labels, steps),
-                            steps * batch_size, repeats)
-  evaluation = interleaved_rates(runners, lambda r: r.evaluate(eval_images), eval_batch_size, repeats)
+                            steps * batch_size, repeats, warmup=lambda r: r.train_steps(images, labels, 1))
+  evaluation = interleaved_rates(runners, lambda r: r.evaluate(eval_images), eval_batch_size, repeats,
+                                 warmup=lambda r: r.evaluate(eval_images), calls_per_turn=5)
   latency = interleaved_latencies(runners, one_image, latency_calls)
   flops = jax_runner.train_step_flops(images, labels)
   eval_flops = jax_runner.eval_flops(eval_images)

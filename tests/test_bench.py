@@ -156,3 +156,19 @@ def test_batch_norm_benchmark_builds_each_model_both_ways():
     assert "custom_vjp" not in train_jaxpr()
   assert (nn.BatchNorm, layers.BatchNorm) == before
   assert "custom_vjp" in train_jaxpr()
+
+
+def test_interleaved_rates_warm_each_turn_and_time_its_calls():
+  """Each turn: one untimed warm-up call, then `calls_per_turn` timed ones; runners alternate."""
+  calls = []
+
+  class Runner:
+    def __init__(self, name):
+      self.name = name
+
+  runners = [Runner("a"), Runner("b")]
+  rates = bench.interleaved_rates(runners, lambda r: calls.append(("work", r.name)), 10, repeats=2,
+                                  warmup=lambda r: calls.append(("warmup", r.name)), calls_per_turn=3)
+  turn = lambda name: [("warmup", name)] + [("work", name)] * 3  # noqa: E731
+  assert calls == (turn("a") + turn("b")) * 2
+  assert set(rates) == {"a", "b"} and all(rate > 0 for rate in rates.values())
