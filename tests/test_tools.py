@@ -86,7 +86,7 @@ def test_config_file_reproduces_the_named_config(tmp_path, stripes, capsys):
 
 def test_every_named_config_is_a_file_that_loads():
   assert configs.config_names()[0] == "fast"
-  recipes = {"mnist_convnet", "mnist_convnet_large", "mnist_convnet_large_bn", "mnist_lenet5", "mnist_resnet",
+  recipes = {"mnist_convnet", "mnist_convnet_large", "mnist_convnet_wide", "mnist_lenet5", "mnist_resnet",
              "mnist_vit_tiny", "fashion_convnet", "fashion_convnet_large"}
   assert set(configs.config_names()) == {"fast", *recipes, *models.list_models()}
   for name in configs.config_names():
