@@ -10,7 +10,6 @@ taking turns; medians of the repeats. Prints the machine first.
 import argparse
 import contextlib
 import statistics
-import time
 
 from flaxzoo import runtime
 
@@ -22,13 +21,11 @@ MODELS = [("resnet", {}), ("resnet", {"depth": 14}),
 
 def median_ms(fn, *args, repeats: int = 40) -> float:
   import jax
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
+
+  from flaxzoo.benchmarks import bench
+  call = lambda: jax.block_until_ready(fn(*args))  # noqa: E731
+  call()
+  return statistics.median(bench.timed(call) for _ in range(repeats)) * 1e3
 
 
 def layer_rows():
