@@ -117,7 +117,7 @@ def test_sigkill_at_any_point_resumes_bit_for_bit(tmp_path, mnist_data_dir, unin
 
 
 RUN_KINDS = {
-    "resnet-batchnorm": ["--model", "resnet", "--set", 'model_kwargs={"widths": [4, 8, 8]}'],
+    "resnet-batchnorm-ema": ["--model", "resnet", "--set", 'model_kwargs={"widths": [4, 8, 8]}', "--ema-decay", "0.9"],
     "vit-dropout-shift": ["--model", "vit_tiny", "--set", "augment=shift", "--set",
                           'model_kwargs={"stem_widths": [4, 8, 8], "dim": 16, "depth": 1, "heads": 2, '
                           '"mlp_dim": 16, "dropout": 0.1}'],

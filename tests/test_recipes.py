@@ -2,6 +2,7 @@
 momentum; and top-5 accuracy in evaluation."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +134,46 @@ def test_a_checkpoint_with_ema_loads_the_ema_weights_for_eval_predict_export_and
                                 predict_arrays(model, state.variables(), images))
   write_checkpoint(tmp_path / "plain", steps=1, **TINY)
   assert checkpoint.load_checkpoint(tmp_path / "plain")[2]["weights"] == "trained"
+
+
+def test_ema_averages_the_batchnorm_statistics_too():
+  state = tiny_state(0, model="resnet", ema_decay=0.9)
+  before = jax.tree.map(np.asarray, state.batch_stats)
+  assert max_difference(state.ema_batch_stats, before) == 0
+  images, labels = generated_images(64)
+  state, _ = train_step(state, images, labels)
+  decay = min(0.9, 2 / 11)
+  expected = jax.tree.map(lambda e, s: decay * e + (1 - decay) * s, before, state.batch_stats)
+  assert max_difference(state.ema_batch_stats, expected) < 1e-7
+  assert max_difference(state.ema_batch_stats, state.batch_stats) > 0
+  variables = state.variables()  # what eval reads: the EMA's params with the EMA's statistics
+  assert variables["params"] is state.ema_params and variables["batch_stats"] is state.ema_batch_stats
+  assert tiny_state(0, model="resnet").ema_batch_stats == {}  # no EMA
+  assert tiny_state(0, ema_decay=0.9).ema_batch_stats == {}  # no BatchNorm
+
+
+def test_a_batchnorm_checkpoint_loads_and_resumes_its_ema_statistics(tmp_path):
+  """Also one saved before the EMA kept statistics (its card has no fingerprint of them): eval
+  reads its live statistics, a resumed run starts their EMA from them."""
+  from conftest import write_checkpoint
+
+  from flaxzoo.training import checkpoint
+  workdir = tmp_path / "run"
+  state = write_checkpoint(workdir, "resnet", steps=2, ema_decay=0.5, widths=[4, 8, 8])
+  target = tiny_state(0, model="resnet", ema_decay=0.5)
+  for expected in ("ema", "live"):
+    variables = checkpoint.load_checkpoint(workdir)[1]
+    resumed = checkpoint.restore_latest(workdir, target)[0]
+    assert max_difference(resumed.batch_stats, state.batch_stats) == 0
+    assert max_difference(resumed.ema_params, state.ema_params) == 0
+    stats = state.ema_batch_stats if expected == "ema" else state.batch_stats
+    assert max_difference(variables["batch_stats"], stats) == 0
+    assert max_difference(resumed.ema_batch_stats, stats) == 0
+    if expected == "ema":  # then as a checkpoint written before the change
+      card_file = next(workdir.glob("*/card/metadata"))
+      card = json.loads(card_file.read_text())
+      del card["fingerprints"]["ema_batch_stats"]
+      card_file.write_text(json.dumps(card))
 
 
 @pytest.mark.parametrize("model", ["convnet", "resnet"])

@@ -133,7 +133,7 @@ def fingerprint(tree) -> str:
   return digest.hexdigest()
 
 
-STATE_PARTS = ("params", "batch_stats", "opt_state", "step", "rng", "ema_params")
+STATE_PARTS = ("params", "batch_stats", "opt_state", "step", "rng", "ema_params", "ema_batch_stats")
 
 
 def state_fingerprints(state: TrainState) -> dict:
@@ -385,19 +385,28 @@ def restore_latest(workdir, target: TrainState, sharding=None):
   """
   # Read part by part: checkpoints written before the EMA existed have no `ema_params`.
   parts = {part: getattr(target, part) for part in STATE_PARTS
-           if part != "ema_params" or target.ema_params}
+           if part not in ("ema_params", "ema_batch_stats") or getattr(target, part)}
   parts_target = _restore_target(parts, sharding)
 
   def restore(manager, step):
     card = _read_card(manager, workdir, step)
+    read = {part: t for part, t in parts_target.items() if part != "ema_batch_stats" or _has_ema_stats(card)}
     state = target.replace(**_read_state(manager, workdir, step, ocp.args.PyTreeRestore(
-        item=parts_target, restore_args=ocp.checkpoint_utils.construct_restore_args(parts_target),
-        partial_restore=True)))
-    _verify(workdir, step, card, {part: getattr(state, part) for part in STATE_PARTS})
+        item=read, restore_args=ocp.checkpoint_utils.construct_restore_args(read), partial_restore=True)))
+    if "ema_batch_stats" in parts and "ema_batch_stats" not in read:
+      # Saved before the EMA kept BatchNorm statistics: it starts from the live ones.
+      state = state.replace(ema_batch_stats=jax.tree.map(lambda x: x.copy(), state.batch_stats))
+    _verify(workdir, step, card, {part: getattr(state, part) for part in STATE_PARTS if part in read})
     return state, card
 
   _, (state, card), skipped = newest_readable(workdir, restore)
   return state, card, skipped
+
+
+def _has_ema_stats(card: dict) -> bool:
+  """Whether the checkpoint holds an EMA of the BatchNorm statistics (those saved before it had
+  none: their EMA's params are then read with the live statistics)."""
+  return "ema_batch_stats" in (card.get("fingerprints") or {})
 
 
 def model_from_card(card: dict):
@@ -416,13 +425,15 @@ def load_checkpoint(workdir, step: int | None = None):
     card = _read_card(manager, workdir, step)
     model = model_from_card(card)
     variables = models.abstract_variables(model, card["input_shape"])
-    params_part = "ema_params" if card["config"].get("ema_decay") else "params"
-    target = _restore_target({params_part if k == "params" else k: v for k, v in variables.items()})
+    ema = bool(card["config"].get("ema_decay"))
+    part_of = {"params": "ema_params" if ema else "params",
+               "batch_stats": "ema_batch_stats" if ema and _has_ema_stats(card) else "batch_stats"}
+    target = _restore_target({part_of[k]: v for k, v in variables.items()})
     parts = _read_state(manager, workdir, step, ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
     _verify(workdir, step, card, parts)
-    return model, {"params" if k == params_part else k: v for k, v in parts.items()}, card
+    return model, {k: parts[part_of[k]] for k in variables}, card
 
   return newest_readable(workdir, restore, step)[1]
 

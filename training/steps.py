@@ -100,7 +100,8 @@ def train_step(state: TrainState, images, labels):
                                                    batch_stats, state.batch_stats))
   if state.ema_decay:
     decay = ema_decay_at(state.ema_decay, state.step)
-    state = state.replace(ema_params=jax.tree.map(lambda e, p: decay * e + (1 - decay) * p,
-                                                  state.ema_params, state.params))
+    average = lambda e, p: decay * e + (1 - decay) * p  # noqa: E731
+    state = state.replace(ema_params=jax.tree.map(average, state.ema_params, state.params),
+                          ema_batch_stats=jax.tree.map(average, state.ema_batch_stats, state.batch_stats))
   accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
   return state, {"loss": loss, "accuracy": accuracy}
