@@ -33,7 +33,7 @@ from flaxzoo import models
 from flaxzoo.training import parallel
 from flaxzoo.training.config import Config
 from flaxzoo.training.errors import CheckpointError
-from flaxzoo.training.state import TrainState
+from flaxzoo.training.state import TrainState, copy_of
 
 CARD_FORMAT = "flaxzoo-model-card/1"
 
@@ -395,7 +395,7 @@ def restore_latest(workdir, target: TrainState, sharding=None):
         item=read, restore_args=ocp.checkpoint_utils.construct_restore_args(read), partial_restore=True)))
     if "ema_batch_stats" in parts and "ema_batch_stats" not in read:
       # Saved before the EMA kept BatchNorm statistics: it starts from the live ones.
-      state = state.replace(ema_batch_stats=jax.tree.map(lambda x: x.copy(), state.batch_stats))
+      state = state.replace(ema_batch_stats=copy_of(state.batch_stats))
     _verify(workdir, step, card, {part: getattr(state, part) for part in STATE_PARTS if part in read})
     return state, card
 

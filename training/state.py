@@ -38,7 +38,7 @@ class TrainState(train_state.TrainState):
   def variables(self) -> dict:
     """The weights that are evaluated, exported and fine-tuned from: the EMA's when kept."""
     if self.ema_params:
-      return model_variables(self.ema_params, self.ema_batch_stats or self.batch_stats)
+      return model_variables(self.ema_params, self.ema_batch_stats)
     return model_variables(self.params, self.batch_stats)
 
   def with_weights(self, params, batch_stats) -> "TrainState":
