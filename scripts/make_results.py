@@ -127,7 +127,7 @@ def markdown(rows: list[dict], machine: str, heading: str) -> str:
 
 RECIPE_COLUMNS = ["recipe", "dataset", "model", "params", "epochs", "seeds", "accuracies",
                   "mean_accuracy", "std_accuracy", "mean_macro_f1", "mean_wall_seconds", "machine",
-                  "command"]
+                  "command", "tta", "single_view_accuracies"]
 RECIPES_MARKER = "<!-- Recipes: written by scripts/make_results.py --recipes; kept by the other mode -->"
 DATASET_TITLES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
 # Published figures each dataset's table is read against (the sources named in the text).
@@ -156,9 +156,12 @@ def seed_run(recipe: str, seed: int, workdir: Path, overrides: dict, machine: st
                                      "machine": machine}))
   else:
     training.train_and_evaluate(config, workdir)  # says it is finished; trains what is missing
-  result = training.evaluate_checkpoint(workdir, data_dir=config.data_dir)
+  result = training.evaluate_checkpoint(workdir, data_dir=config.data_dir, tta=config.tta)
+  single_view = result if config.tta == "none" else training.evaluate_checkpoint(
+      workdir, data_dir=config.data_dir, tta="none", save=False)
   timing = json.loads(wall_file.read_text())
   return {"config": config, "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+          "single_view_accuracy": single_view["accuracy"],
           "wall_seconds": timing["wall_seconds"],
           "machine": timing.get("machine", "machine not recorded")}  # runs timed before it was
 
@@ -177,7 +180,8 @@ def recipe_row(recipe: str, seeds: list[int], root: Path, overrides: dict, machi
           "mean_macro_f1": round(statistics.mean(r["macro_f1"] for r in runs), 4),
           "mean_wall_seconds": round(statistics.mean(r["wall_seconds"] for r in runs), 1),
           "machine": "; ".join(sorted({r["machine"] for r in runs})),
-          "command": f"flaxzoo train --config {recipe} --seed S{extra}"}
+          "command": f"flaxzoo train --config {recipe} --seed S{extra}", "tta": config.tta,
+          "single_view_accuracies": " ".join(f"{r['single_view_accuracy']:.4f}" for r in runs)}
 
 
 def recipes_markdown(rows: list[dict]) -> str:
@@ -185,7 +189,8 @@ def recipes_markdown(rows: list[dict]) -> str:
            "Written by `scripts/make_results.py --recipes NAME,... --seeds 0,1,2` from "
            "results/recipes.csv: each recipe (a config file in `configs/`) trained once per seed; "
            "accuracy is the full test split's, of the weights eval reads (the EMA's where the "
-           "recipe keeps one); ± is the sample standard deviation over the seeds; wall time is "
+           "recipe keeps one), with the recipe's test-time augmentation where it has one (TTA: "
+           "the images alone in brackets); ± is the sample standard deviation over the seeds; wall time is "
            "one run's, start to end (data loading, compilation, each epoch's evaluation and "
            "checkpoint included), averaged over the seeds."]
   for dataset in sorted({r["dataset"] for r in rows}, key=lambda d: d != "mnist"):
@@ -195,7 +200,8 @@ def recipes_markdown(rows: list[dict]) -> str:
               "wall time per run | command |", "|---|---|--:|--:|--:|--:|---|--:|--:|---|"]
     for r in sorted(ours, key=lambda r: -float(r["mean_accuracy"])):
       lines.append(f"| {r['recipe']} | {r['model']} | {int(r['params']):,} | {r['epochs']} | "
-                   f"{r['seeds']} | {float(r['mean_accuracy']):.2%} ± {float(r['std_accuracy']):.2%} | "
+                   f"{r['seeds']} | {float(r['mean_accuracy']):.2%} ± {float(r['std_accuracy']):.2%}"
+                   f"{single_view_note(r)} | "
                    f"{' '.join(f'{float(a):.2%}' for a in r['accuracies'].split())} | "
                    f"{float(r['mean_macro_f1']):.4f} | {float(r['mean_wall_seconds']) / 60:.1f} min | "
                    f"`{r['command']}` |")
@@ -206,6 +212,16 @@ def recipes_markdown(rows: list[dict]) -> str:
                 f"{int(best['params']):,} parameters), averages {float(best['mean_accuracy']):.2%} "
                 f"over seeds {best['seeds']}."]
   return "\n".join(lines)
+
+
+def single_view_note(row: dict) -> str:
+  """For a recipe evaluated with test-time augmentation: what it does, and the mean accuracy of
+  the same checkpoints on the images alone."""
+  if row.get("tta", "none") in ("none", "", None):
+    return ""
+  single = [float(a) for a in row["single_view_accuracies"].split()]
+  spread = statistics.stdev(single) if len(single) > 1 else 0.0
+  return f" ({row['tta']} TTA; the images alone {statistics.mean(single):.2%} ± {spread:.2%})"
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -128,7 +128,7 @@ def generated_images(count: int, shape=(28, 28, 1), seed: int = 0):
 
 
 def write_checkpoint(workdir, model_name="convnet", class_names=None, steps=0, ema_decay=0.0,
-                     **model_kwargs):
+                     tta="none", **model_kwargs):
   """A real orbax checkpoint with its card of a model trained `steps` steps on generated data,
   without a dataset: what train would leave, for tests of loading, eval and predict."""
   from flaxzoo import models
@@ -139,7 +139,7 @@ def write_checkpoint(workdir, model_name="convnet", class_names=None, steps=0, e
   from flaxzoo.training.steps import train_step
   class_names = class_names or [f"class-{i}" for i in range(10)]
   model = models.create_model(model_name, num_classes=len(class_names), **model_kwargs)
-  config = Config(model=model_name, model_kwargs=model_kwargs, ema_decay=ema_decay)
+  config = Config(model=model_name, model_kwargs=model_kwargs, ema_decay=ema_decay, tta=tta)
   state = create_train_state(model, config, (28, 28, 1), total_steps=max(steps, 1))
   images, labels = generated_images(32)
   for _ in range(steps):

@@ -206,6 +206,21 @@ def test_train_reaches_a_sane_accuracy_and_eval_agrees(trained_workdir, mnist_da
   assert saved == {k: v for k, v in report.items() if k != "files"}
 
 
+def test_eval_with_flip_tta(tmp_path, trained_workdir, mnist_data_dir, capsys):
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_workdir, workdir)
+  status, out, err = run_main(capsys, "eval", "--workdir", workdir, "--data-dir", mnist_data_dir,
+                              "--tta", "flip", "--json")
+  assert status == 0, err
+  report = json.loads(out.splitlines()[-1])
+  assert set(report) == EVAL_JSON_FIELDS | {"tta"} and report["tta"] == "flip"
+  assert "accuracy (flip test-time augmentation)" in out
+  test = [json.loads(line) for line in (trained_workdir / "metrics.jsonl").read_text().splitlines()][-1]
+  assert test["split"] == "test" and "tta" not in test  # the run evaluated without it
+  assert report["loss"] != pytest.approx(test["loss"], rel=1e-5)  # with mirrored digits: another answer
+
+
 def test_train_again_on_a_finished_run_says_so(trained_workdir, mnist_data_dir):
   before = tree_snapshot(trained_workdir)
   result = run_cli("train", "--workdir", trained_workdir, "--data-dir", mnist_data_dir)

@@ -1,5 +1,5 @@
 """Training options from optax: label smoothing, learning-rate schedules, SGD with Nesterov
-momentum; and top-5 accuracy in evaluation."""
+momentum; and in evaluation top-5 accuracy and flip test-time augmentation."""
 
 import dataclasses
 import json
@@ -9,11 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import generated_images
+from conftest import generated_images, write_checkpoint
+from PIL import Image
 
 from flaxzoo import models
+from flaxzoo.training import checkpoint
 from flaxzoo.training.config import Config, ConfigError, validate
-from flaxzoo.training.evaluation import evaluate
+from flaxzoo.training.evaluation import evaluate, logits_step
+from flaxzoo.training.inference import predict_arrays, predict_files
 from flaxzoo.training.optimizer import learning_rate_schedule
 from flaxzoo.training.state import create_train_state
 from flaxzoo.training.steps import cross_entropy, train_step
@@ -73,7 +76,8 @@ def test_options_train_deterministically(overrides):
 def test_bad_option_values_are_refused():
   for overrides, fragment in [({"optimizer": "adam"}, "optimizer must be adamw or sgd"),
                               ({"schedule": "cyclic"}, "schedule must be onecycle or cosine"),
-                              ({"label_smoothing": 1.0}, "label_smoothing must be in [0, 1)")]:
+                              ({"label_smoothing": 1.0}, "label_smoothing must be in [0, 1)"),
+                              ({"tta": "rotate"}, "tta must be none or flip")]:
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace(")", r"\)")):
       validate(Config(**overrides))
 
@@ -87,6 +91,37 @@ def test_top5_accuracy_for_more_than_five_classes_only():
     assert ("top5_accuracy" in result) == has_top5
     if has_top5:
       assert result["accuracy"] <= result["top5_accuracy"] <= 1.0
+
+
+def test_flip_tta_averages_the_probabilities_of_each_image_and_its_mirror():
+  images, labels = generated_images(40)
+  model = models.create_model("convnet", num_classes=10, **TINY)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  plain, mirrored = (logits_step(model, variables, x) for x in (images, images[:, :, ::-1]))
+  by_hand = np.log((jax.nn.softmax(plain) + jax.nn.softmax(mirrored)) / 2)
+  flip = logits_step(model, variables, images, tta="flip")
+  np.testing.assert_allclose(flip, by_hand, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(logits_step(model, variables, images[:, :, ::-1], tta="flip"), flip,
+                             rtol=1e-5, atol=1e-6)  # a mirrored input gets the same answer
+  assert not np.allclose(plain, mirrored, atol=1e-3)  # the model alone is not mirror-symmetric
+  result = evaluate(model, variables, (images, labels), batch_size=16, tta="flip")
+  assert result["tta"] == "flip" and "tta" not in evaluate(model, variables, (images, labels), 16)
+  assert result["accuracy"] == pytest.approx(np.mean(np.argmax(by_hand, -1) == labels))
+  with pytest.raises(ConfigError, match="tta must be none or flip"):
+    logits_step(model, variables, images, tta="rotate")
+
+
+def test_a_run_with_flip_tta_predicts_with_it(tmp_path):
+  write_checkpoint(tmp_path / "run", steps=2, tta="flip", **TINY)
+  model, variables, card = checkpoint.load_checkpoint(tmp_path / "run")
+  image = generated_images(1)[0]
+  Image.fromarray(image[0, :, :, 0]).save(tmp_path / "shirt.png")
+  predictions, errors, _ = predict_files(tmp_path / "run", [tmp_path / "shirt.png"], top_k=10)
+  by_class = {p["class"]: p["probability"] for p in predictions[0]["top_k"]}
+  expected = predict_arrays(model, variables, image, tta="flip")[0]
+  assert not errors and card["config"]["tta"] == "flip"
+  np.testing.assert_allclose([by_class[f"class-{i}"] for i in range(10)], expected, rtol=1e-5)
+  assert not np.allclose(expected, predict_arrays(model, variables, image)[0], atol=1e-4)
 
 
 def tiny_state(steps=0, model="convnet", **overrides):

@@ -193,6 +193,7 @@ def test_results_script_runs_end_to_end_on_a_slice(tmp_path, mnist_data_dir):
   assert row["recipe"] == "fast" and row["seeds"] == "0 1" and len(accuracies) == 2
   assert float(row["mean_accuracy"]) == pytest.approx(sum(accuracies) / 2, abs=1e-4)
   assert float(row["mean_wall_seconds"]) > 0
+  assert row["tta"] == "none" and row["single_view_accuracies"] == row["accuracies"]
   page = out_md.read_text()
   assert page.startswith(table.rstrip()) and "## Recipes" in page and "| fast | convnet |" in page
   assert "LeCun et al., 1998" in page  # the published figures it is read against

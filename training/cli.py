@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from flaxzoo.training.config import AUGMENTATIONS
+from flaxzoo.training.config import AUGMENTATIONS, TEST_TIME_AUGMENTATIONS
 from flaxzoo.training.config import FIELDS_WITH_FLAGS as TRAIN_FLAGS
 
 
@@ -142,8 +142,10 @@ def cmd_eval(args) -> int:
   from flaxzoo.training.inference import evaluate_checkpoint
   result = evaluate_checkpoint(args.workdir, args.split, args.step, args.data_dir, args.manual_dir,
                                dataset=args.dataset, devices=args.devices,
-                               streaming=args.streaming or "auto", workers=args.workers)
-  print(f"{args.workdir} step {result['step']}: {result['dataset']} {args.split} accuracy "
+                               streaming=args.streaming or "auto", workers=args.workers,
+                               tta=args.tta)
+  views = " (flip test-time augmentation)" if result.get("tta") == "flip" else ""
+  print(f"{args.workdir} step {result['step']}: {result['dataset']} {args.split} accuracy{views} "
         f"{result['accuracy']:.2%}, macro-F1 {result['macro_f1']:.4f}, loss {result['loss']:.4f} "
         f"on {result['num_examples']} examples")
   per_class = ", ".join(f"{name} {'-' if acc is None else f'{acc:.1%}'}"
@@ -261,6 +263,9 @@ def _training_flags() -> argparse.ArgumentParser:
                       "batch-size/K per optimizer step, in one jitted step (default 1)")
   parent.add_argument("--augment", metavar="NAMES", help="training augmentations, comma-separated: "
                       + ", ".join(AUGMENTATIONS) + " (default: the recipe's; none)")
+  parent.add_argument("--tta", choices=TEST_TIME_AUGMENTATIONS, help="test-time augmentation of "
+                      "eval and predict: flip averages each image's and its mirror's probabilities "
+                      "(default none)")
   parent.add_argument("--log-every-steps", type=int, metavar="K", help="a train record in "
                       "metrics.jsonl and TensorBoard every K steps (default 100; and at epoch ends)")
   parent.add_argument("--profile-steps", metavar="A:B", help="write a jax.profiler trace of train "
@@ -388,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--manual-dir")
   p.add_argument("--data-dir")
   p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object")
+  p.add_argument("--tta", choices=TEST_TIME_AUGMENTATIONS, help="test-time augmentation (default: "
+                 "the run's --tta): none or flip")
   _streaming_flags(p)
   _device_flag(p)
   p.set_defaults(func=cmd_eval)

@@ -33,6 +33,7 @@ class Config:
   train_examples: int = 0  # > 0: train on the first N training examples only (quick runs, tests)
   test_examples: int = 0  # > 0: evaluate on the first N test examples only
   eval_batch_size: int = 1000
+  tta: str = "none"  # test-time augmentation of eval and predict: none | flip (image and mirror)
   # Checkpoints and logs.
   checkpoint_every_steps: int = 0  # 0: only at the end of each epoch
   keep_checkpoints: int = 3
@@ -66,7 +67,7 @@ SCHEDULES = ("onecycle", "cosine", "linear", "step", "constant")
 FIELDS_WITH_FLAGS = ("model", "dataset", "epochs", "batch_size", "learning_rate", "seed", "manual_dir",
                      "data_dir", "checkpoint_every_steps", "freeze", "head_learning_rate", "dtype",
                      "head", "profile_steps", "log_every_steps", "optimizer", "schedule",
-                     "label_smoothing", "streaming", "workers", "ema_decay", "grad_accum", "augment")
+                     "label_smoothing", "streaming", "workers", "ema_decay", "grad_accum", "augment", "tta")
 
 # Fields that must match for a checkpoint to continue the same run.
 RUN_IDENTITY_FIELDS = ("model", "model_kwargs", "dataset", "batch_size", "seed", "train_examples",
@@ -85,6 +86,9 @@ AUGMENTATIONS = {
     "cutmix": "paste a rectangle of another image of the batch; targets by area",
 }
 MIXING = ("mixup", "cutmix")
+
+# Test-time augmentations (training/evaluation.py's tta_log_probs).
+TEST_TIME_AUGMENTATIONS = ("none", "flip")
 
 
 def parse_augment(augment: str) -> tuple[str, ...]:
@@ -168,6 +172,7 @@ def validate(config: Config) -> None:
        "none or comma-separated names from " + ", ".join(AUGMENTATIONS)),
       ("augment", not set(MIXING) <= set(parse_augment(config.augment)),
        "a list naming at most one of mixup and cutmix"),
+      ("tta", config.tta in TEST_TIME_AUGMENTATIONS, " or ".join(TEST_TIME_AUGMENTATIONS)),
       ("ema_decay", 0 <= config.ema_decay < 1, "in [0, 1): 0 (no EMA) or e.g. 0.999"),
       ("grad_accum", config.grad_accum >= 1 and config.batch_size % config.grad_accum == 0,
        f"at least 1 and divide batch_size {config.batch_size}"),

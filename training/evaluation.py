@@ -11,6 +11,7 @@ import numpy as np
 
 from flaxzoo import data
 from flaxzoo.training import metrics
+from flaxzoo.training.config import ConfigError
 from flaxzoo.training.steps import cross_entropy, to_model_input
 
 # Temporary memory per pass of one evaluation or prediction call. XLA allocates a program's
@@ -26,12 +27,24 @@ EVAL_TEMP_BYTES = 32 << 20
 MAX_PASSES = 16  # the passes are written out in the program: a bound on its size and compile time
 
 
-def logits_in_passes(model: nn.Module, variables, images, passes: int = 1):
+def tta_log_probs(apply, images, tta: str = "none"):
+  """`apply(images)`'s logits, or with `tta="flip"` the log of the mean of the softmax of each
+  image and of its left-right mirror (test-time augmentation; log-probabilities are logits too)."""
+  if tta == "none":
+    return apply(images)
+  if tta != "flip":
+    raise ConfigError(f"tta must be none or flip, got {tta!r}")
+  mirrored = jnp.flip(images, axis=2)
+  return jnp.logaddexp(jax.nn.log_softmax(apply(images)), jax.nn.log_softmax(apply(mirrored))) - jnp.log(2.0)
+
+
+def logits_in_passes(model: nn.Module, variables, images, passes: int = 1, tta: str = "none"):
   """Eval-mode logits of `images` (N, H, W, C), `passes` chunks one after another inside one
-  program (the last chunk may be shorter). The chunks are written out, not a `lax.map`: XLA:CPU
-  runs the ops of a loop's body on one thread, and the ConvNet's eval at batch 1024 in 4-16
-  mapped passes ran at 0.6x the speed of the same passes written out."""
-  apply = lambda x: model.apply(variables, to_model_input(x), train=False)  # noqa: E731
+  program (the last chunk may be shorter); `tta`: see `tta_log_probs`. The chunks are written
+  out, not a `lax.map`: XLA:CPU runs the ops of a loop's body on one thread, and the ConvNet's
+  eval at batch 1024 in 4-16 mapped passes ran at 0.6x the speed of the same passes written out."""
+  apply = lambda x: tta_log_probs(  # noqa: E731
+      lambda y: model.apply(variables, to_model_input(y), train=False), x, tta)
   if passes <= 1:
     return apply(images)
   n = images.shape[0]
@@ -40,18 +53,18 @@ def logits_in_passes(model: nn.Module, variables, images, passes: int = 1):
                           for start in range(0, n, chunk)])
 
 
-def passes_for(jitted, model: nn.Module, variables, images, *rest) -> int:
-  """The `passes` for the call `jitted(model, variables, images, *rest)`: one per EVAL_TEMP_BYTES
-  of the one-pass program's temporaries (XLA's memory analysis of that program, whose compilation
-  a one-pass call then reuses), at most MAX_PASSES. Remembered per shape."""
+def passes_for(jitted, model: nn.Module, variables, images, *rest, tta: str = "none") -> int:
+  """The `passes` for the call `jitted(model, variables, images, *rest, tta=tta)`: one per
+  EVAL_TEMP_BYTES of the one-pass program's temporaries (XLA's memory analysis of that program,
+  whose compilation a one-pass call then reuses), at most MAX_PASSES. Remembered per shape."""
   leaves, treedef = jax.tree.flatten((variables, images, *rest))
   specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves)
-  return _passes_for(jitted, model, treedef, specs, np.shape(images)[0])
+  return _passes_for(jitted, model, treedef, specs, np.shape(images)[0], tta)
 
 
 @functools.lru_cache(maxsize=64)
-def _passes_for(jitted, model, treedef, specs, batch: int) -> int:
-  lowered = jitted.lower(model, *jax.tree.unflatten(treedef, specs), passes=1)
+def _passes_for(jitted, model, treedef, specs, batch: int, tta: str) -> int:
+  lowered = jitted.lower(model, *jax.tree.unflatten(treedef, specs), passes=1, tta=tta)
   analysis = lowered.compile().memory_analysis()
   temp = getattr(analysis, "temp_size_in_bytes", 0) or 0  # None: a backend without the analysis
   return int(max(1, min(batch, MAX_PASSES, -(-temp // EVAL_TEMP_BYTES))))
@@ -60,11 +73,12 @@ def _passes_for(jitted, model, treedef, specs, batch: int) -> int:
 TOP_K = 5
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
-def eval_step(model: nn.Module, variables, images, labels, mask, passes: int = 1):
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("passes", "tta"))
+def eval_step(model: nn.Module, variables, images, labels, mask, passes: int = 1, tta: str = "none"):
   """Sums over one (padded) batch: loss, correct predictions, real examples, and the confusion
-  matrix (rows: true class, columns: predicted class). `passes`: see `passes_for`."""
-  logits = logits_in_passes(model, variables, images, passes)
+  matrix (rows: true class, columns: predicted class). `passes`: see `passes_for`; `tta`: see
+  `tta_log_probs`."""
+  logits = logits_in_passes(model, variables, images, passes, tta)
   predictions = jnp.argmax(logits, -1)
   num_classes = logits.shape[-1]
   confusion = jnp.zeros((num_classes, num_classes), jnp.int32).at[labels, predictions].add(
@@ -79,29 +93,30 @@ def eval_step(model: nn.Module, variables, images, labels, mask, passes: int = 1
   return sums
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
-def logits_step(model: nn.Module, variables, images, passes: int = 1):
-  return logits_in_passes(model, variables, images, passes)
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("passes", "tta"))
+def logits_step(model: nn.Module, variables, images, passes: int = 1, tta: str = "none"):
+  return logits_in_passes(model, variables, images, passes, tta)
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="passes")
-def predict_step(model: nn.Module, variables, images, passes: int = 1):
-  return jax.nn.softmax(logits_in_passes(model, variables, images, passes))
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("passes", "tta"))
+def predict_step(model: nn.Module, variables, images, passes: int = 1, tta: str = "none"):
+  return jax.nn.softmax(logits_in_passes(model, variables, images, passes, tta))
 
 
 def evaluate(model, variables, split, batch_size: int, class_names=None, layout=None,
-             workers: int = 0) -> dict:
+             workers: int = 0, tta: str = "none") -> dict:
   """Loss, accuracy and macro-F1 over every example of `split` ((images, labels) or a source, read
   by `workers` threads if it streams; the last batch is padded and masked); with `class_names`,
   also per-class accuracy and the confusion matrix (see `training.metrics`). With a
-  `parallel.Layout` of several devices, each batch is split over them (this process reads its rows)."""
+  `parallel.Layout` of several devices, each batch is split over them (this process reads its rows).
+  `tta`: test-time augmentation (`tta_log_probs`), named in the result when not "none"."""
   if layout is not None and layout.num_devices > 1:
-    sums = _sharded_eval_sums(model, variables, split, batch_size, layout, workers)
+    sums = _sharded_eval_sums(model, variables, split, batch_size, layout, workers, tta)
   else:
     batches = data.eval_batches(split, batch_size, workers)  # all of one shape: one `passes`
     first = next(batches)
-    passes = passes_for(eval_step, model, variables, *first)
-    sums = jax.device_get([eval_step(model, variables, *batch, passes=passes)
+    passes = passes_for(eval_step, model, variables, *first, tta=tta)
+    sums = jax.device_get([eval_step(model, variables, *batch, passes=passes, tta=tta)
                            for batch in itertools.chain([first], batches)])
   totals = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}
   names = class_names or [str(i) for i in range(len(totals["confusion"]))]
@@ -112,13 +127,16 @@ def evaluate(model, variables, split, batch_size: int, class_names=None, layout=
             "num_examples": int(totals["count"])}
   if "top5_correct" in totals:
     result["top5_accuracy"] = float(totals["top5_correct"] / totals["count"])
+  if tta != "none":
+    result["tta"] = tta
   if class_names:
     result.update((k, report[k]) for k in ("per_class_accuracy", "per_class", "class_names",
                                            "confusion_matrix"))
   return result
 
 
-def _sharded_eval_sums(model, variables, split, batch_size: int, layout, workers: int) -> list[dict]:
+def _sharded_eval_sums(model, variables, split, batch_size: int, layout, workers: int,
+                       tta: str) -> list[dict]:
   """`eval_step`'s sums per batch, each batch split over `layout`'s devices. The batch is rounded
   up to a multiple of the device count (padding is masked, so the sums are the same); one pass
   per call, as each device holds only its share."""
@@ -127,5 +145,6 @@ def _sharded_eval_sums(model, variables, split, batch_size: int, layout, workers
   rows = parallel.process_rows(layout, batch_size)
   # Each batch's sums fetched before the next is sent: see `Layout.waits_for_each_step`.
   return [parallel.host_values(eval_step(model, variables,
-                                         *parallel.global_batch(layout, *(x[rows] for x in batch))))
+                                         *parallel.global_batch(layout, *(x[rows] for x in batch)),
+                                         tta=tta))
           for batch in data.eval_batches(split, batch_size, workers)]

@@ -34,18 +34,24 @@ def check_input_images(images) -> np.ndarray:
                        f"convert them with .astype(np.uint8) if they are 0-255 pixels")
 
 
-def predict_arrays(model, variables, images, batch_size: int = 1000) -> np.ndarray:
+def predict_arrays(model, variables, images, batch_size: int = 1000, tta: str = "none") -> np.ndarray:
   """Class probabilities (N, num_classes) for uint8 or [0, 1] float images (N, H, W, C); an empty
-  batch gives an empty result. Other inputs raise DataError (`check_input_images`)."""
+  batch gives an empty result. Other inputs raise DataError (`check_input_images`). `tta`: see
+  `evaluation.tta_log_probs`."""
   images = check_input_images(images)
   if not len(images):
     return np.zeros((0, model.num_classes), np.float32)
   probabilities = []
   for start in range(0, len(images), batch_size):
     batch = images[start:start + batch_size]
-    passes = passes_for(predict_step, model, variables, batch)
-    probabilities.append(np.asarray(predict_step(model, variables, batch, passes=passes)))
+    passes = passes_for(predict_step, model, variables, batch, tta=tta)
+    probabilities.append(np.asarray(predict_step(model, variables, batch, passes=passes, tta=tta)))
   return np.concatenate(probabilities)
+
+
+def run_tta(card: dict) -> str:
+  """The test-time augmentation a checkpoint's run evaluated with ("none" before runs had one)."""
+  return card["config"].get("tta", "none")
 
 
 def predict_files(workdir, paths, top_k: int = 3, step: int | None = None, saliency: bool = False,
@@ -68,7 +74,7 @@ def predict_files(workdir, paths, top_k: int = 3, step: int | None = None, salie
   else:
     model, variables, card = checkpoint.load_checkpoint(workdir, step)
     shape, class_names = tuple(card["input_shape"]), card["dataset"]["class_names"]
-    predict = lambda images: predict_arrays(model, variables, images)
+    predict = lambda images: predict_arrays(model, variables, images, tta=run_tta(card))
   images, readable, errors = read_image_files(paths, shape)
   predictions = []
   if readable:
@@ -120,9 +126,10 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
                         data_dir: str | None = None, manual_dir: str | None = None,
                         save: bool = True, dataset: str | None = None,
                         devices: int | None = None, streaming: str = "auto",
-                        workers: int | None = None) -> dict:
+                        workers: int | None = None, tta: str | None = None) -> dict:
   """Accuracy, loss, macro-F1, per-class accuracy and confusion matrix of a checkpoint on its own
-  dataset's `split` (the examples and input conversion it was trained with).
+  dataset's `split` (the examples and input conversion it was trained with), with the run's
+  test-time augmentation unless `tta` names one ("none" or "flip").
 
   With `save`, also writes WORKDIR/eval-<split>.json and WORKDIR/confusion-<split>.png; their
   paths are in the result's "files" (a folder that cannot be written to only gets a warning).
@@ -139,7 +146,8 @@ def evaluate_checkpoint(workdir, split: str = "test", step: int | None = None,
   source = checkpoint_source(card, split, data_dir, manual_dir, workdir=workdir, streaming=streaming)
   result = evaluate(model, variables, source, card["config"].get("eval_batch_size", 1000),
                     card["dataset"]["class_names"], layout,
-                    data.default_workers() if workers is None else workers)
+                    data.default_workers() if workers is None else workers,
+                    run_tta(card) if tta is None else tta)
   result.update(step=card["step"], split=split, dataset=card["dataset"]["name"],
                 model=card["model"]["name"], workdir=str(workdir))
   if save:

@@ -544,7 +544,7 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
       train_seconds = time.perf_counter() - epoch_start
 
       test = evaluate(run.model, state.variables(), test_split, config.eval_batch_size, layout=layout,
-                      workers=workers_of(config))
+                      workers=workers_of(config), tta=config.tta)
       test_record = {"step": step, "epoch": epoch + 1, "split": "test", **test}
       run.metrics_log.write(test_record)
       latest_metrics["test"] = test_record
