@@ -209,8 +209,8 @@ def recipes_markdown(rows: list[dict]) -> str:
     if dataset in PUBLISHED:
       best = max(ours, key=lambda r: float(r["mean_accuracy"]))
       lines += [f"{PUBLISHED[dataset]} Here the best recipe, {best['recipe']} ({best['model']}, "
-                f"{int(best['params']):,} parameters), averages {float(best['mean_accuracy']):.2%} "
-                f"over seeds {best['seeds']}."]
+                f"{int(best['params']):,} parameters), averages {float(best['mean_accuracy']):.2%}"
+                f"{single_view_note(best)} over seeds {best['seeds']}."]
   return "\n".join(lines)
 
 

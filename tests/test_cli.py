@@ -59,7 +59,7 @@ def test_bad_training_settings(tmp_path, capsys, args, fragment):
 def test_unknown_named_config_lists_the_named_ones(tmp_path, capsys):
   assert_one_clear_error(run_main(capsys, "train", "--config", "fastest", "--workdir", tmp_path / "w"),
                          "unknown --config 'fastest'; named configs: fast, convnet, fashion_convnet, "
-                         "fashion_convnet_large, lenet5, mlp, mnist_convnet, mnist_convnet_large, "
+                         "fashion_convnet_large, fashion_convnet_vgg, lenet5, mlp, mnist_convnet, mnist_convnet_large, "
                          "mnist_convnet_wide, mnist_lenet5, mnist_resnet, mnist_vit_tiny, resnet, vit_tiny, "
                          "or the path of a .toml file")
   assert not (tmp_path / "w").exists()
