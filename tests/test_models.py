@@ -9,6 +9,7 @@ import pytest
 
 from flaxzoo import models
 from flaxzoo.models import MLP, ConvNet, create_model, list_models
+from flaxzoo.training.state import init_variables
 
 
 @pytest.mark.parametrize("name,cls", [("convnet", ConvNet), ("mlp", MLP)])
@@ -35,14 +36,15 @@ def test_convnet_batch_norm_and_dropout_are_options():
   plain = models.abstract_variables(ConvNet(num_classes=10))
   assert set(plain) == {"params"} and "bias" in plain["params"]["Conv_0"]  # the default is unchanged
   model = ConvNet(num_classes=10, widths=(4, 8), hidden=16, batch_norm=True, dropout=0.5)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
   assert set(variables["batch_stats"]) == {"BatchNorm_0", "BatchNorm_1"}
   assert "bias" not in variables["params"]["Conv_0"]  # BatchNorm's offset replaces it
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
-  np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))  # eval: no dropout
-  train_logits, _ = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)},
-                                mutable=["batch_stats"])
-  assert not np.allclose(train_logits, model.apply(variables, x))
+  evaluate = jax.jit(model.apply)  # jitted: eager ops compile one program each
+  np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))  # eval: no dropout
+  train_logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)},
+                                                     mutable=["batch_stats"]))(variables, x)
+  assert not np.allclose(train_logits, evaluate(variables, x))
 
 
 def test_convnet_convs_per_block_stacks_convolutions_before_each_pooling():

@@ -18,7 +18,7 @@ from flaxzoo.training.config import Config, ConfigError, validate
 from flaxzoo.training.evaluation import evaluate, logits_step
 from flaxzoo.training.inference import predict_arrays, predict_files
 from flaxzoo.training.optimizer import learning_rate_schedule
-from flaxzoo.training.state import create_train_state
+from flaxzoo.training.state import create_train_state, init_variables
 from flaxzoo.training.steps import cross_entropy, train_step
 
 TINY = {"widths": [4, 8], "hidden": 16}
@@ -86,7 +86,7 @@ def test_top5_accuracy_for_more_than_five_classes_only():
   images, labels = generated_images(40)
   for num_classes, has_top5 in ((10, True), (3, False)):
     model = models.create_model("convnet", num_classes=num_classes, **TINY)
-    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+    variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
     result = evaluate(model, variables, (images, labels % num_classes), batch_size=16)
     assert ("top5_accuracy" in result) == has_top5
     if has_top5:
@@ -96,7 +96,7 @@ def test_top5_accuracy_for_more_than_five_classes_only():
 def test_flip_tta_averages_the_probabilities_of_each_image_and_its_mirror():
   images, labels = generated_images(40)
   model = models.create_model("convnet", num_classes=10, **TINY)
-  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))
+  variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
   plain, mirrored = (logits_step(model, variables, x) for x in (images, images[:, :, ::-1]))
   by_hand = np.log((jax.nn.softmax(plain) + jax.nn.softmax(mirrored)) / 2)
   flip = logits_step(model, variables, images, tta="flip")
