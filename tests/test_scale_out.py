@@ -50,6 +50,7 @@ def small_folder(tmp_path):
   return tmp_path / "folder"
 
 
+@pytest.mark.slow  # trains in a child process of 4 emulated devices (conftest: a slow-tier test)
 def test_one_and_four_devices_train_alike_and_checkpoints_move_between_device_counts(small_folder, tmp_path):
   result = subprocess.run([sys.executable, str(ROOT / "tests" / "scale_out_child.py"), str(small_folder),
                            str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True,
