@@ -12,16 +12,15 @@ loads only when one of these is called.
 def to_nnx(module, input_shape=(28, 28, 1), variables: dict | None = None, rngs=None):
   """`module` (a linen zoo model) as an initialised `nnx.bridge.ToNNX` module; with `variables`
   (linen's {'params': ..., 'batch_stats': ...}) it holds exactly those values."""
-  import jax
-  import jax.numpy as jnp
   from flax import nnx
   from flax.nnx.bridge import variables as bridge_variables
 
+  from flaxzoo.models.profile import init_variables
+
   rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)  # dropout: ViT's stream
   model = nnx.bridge.ToNNX(module, rngs=rngs)
-  if variables is None:  # jitted init: the bridge's own lazy_init runs op by op (seconds on CPU)
-    sample = jnp.zeros((1, *input_shape), jnp.float32)
-    variables = jax.jit(lambda key: module.init(key, sample, train=False))(rngs.params())
+  if variables is None:  # one quickly compiled init: the bridge's own lazy_init runs op by op
+    variables = init_variables(module, rngs.params(), input_shape)
   # The bridge's own linen -> NNX mapping: params become nnx.Param, batch_stats nnx.BatchStat.
   for name, value in bridge_variables.linen_vars_to_nnx_attrs(dict(variables)).items():
     setattr(model, name, nnx.data(value))

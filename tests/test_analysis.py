@@ -13,8 +13,8 @@ from jax.flatten_util import ravel_pytree
 from PIL import Image
 
 from flaxzoo import models
+from flaxzoo.models import init_variables
 from flaxzoo.training import analysis
-from flaxzoo.training.state import init_variables
 from flaxzoo.training.steps import cross_entropy, to_model_input
 
 TINY_SHAPE = (4, 4, 1)

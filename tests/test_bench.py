@@ -14,7 +14,7 @@ import pytest
 from flaxzoo import models
 from flaxzoo.benchmarks import bench
 from flaxzoo.benchmarks.torch_twins import TWINNED_MODELS, torch_twin
-from flaxzoo.training.state import init_variables
+from flaxzoo.models import init_variables
 from flaxzoo.training.steps import to_model_input
 
 torch = pytest.importorskip("torch", reason="the benchmark extra: pip install -e '.[bench]'")

@@ -8,8 +8,24 @@ import numpy as np
 import pytest
 
 from flaxzoo import models
-from flaxzoo.models import MLP, ConvNet, create_model, list_models
-from flaxzoo.training.state import init_variables
+from flaxzoo.models import MLP, ConvNet, create_model, init_variables, list_models
+
+# Every test computes through jax.jit and draws its inputs with NumPy: eagerly, each op and shape
+# compiles a program of its own (an eager ConvNet init and forward pass took 4 s, jitted 0.9 s).
+
+
+def uniform(shape, seed=0):
+  return np.random.default_rng(seed).uniform(size=shape).astype(np.float32)
+
+
+def normal(shape, seed=0):
+  return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def trees_equal(a, b) -> bool:
+  """Same structure and every leaf equal to the bit (on the host: no per-shape program)."""
+  return (jax.tree.structure(a) == jax.tree.structure(b)
+          and all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))))
 
 
 @pytest.mark.parametrize("name,cls", [("convnet", ConvNet), ("mlp", MLP)])
@@ -17,9 +33,8 @@ from flaxzoo.training.state import init_variables
 def test_forward_shape(name, cls, num_classes):
   model = create_model(name, num_classes=num_classes)
   assert isinstance(model, cls)
-  x = jnp.zeros((2, 28, 28, 1))
-  variables = model.init(jax.random.PRNGKey(0), x)
-  logits = model.apply(variables, x)
+  variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
+  logits = jax.jit(model.apply)(variables, np.zeros((2, 28, 28, 1), np.float32))
   assert logits.shape == (2, num_classes)
   assert logits.dtype == jnp.float32
 
@@ -39,8 +54,8 @@ def test_convnet_batch_norm_and_dropout_are_options():
   variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
   assert set(variables["batch_stats"]) == {"BatchNorm_0", "BatchNorm_1"}
   assert "bias" not in variables["params"]["Conv_0"]  # BatchNorm's offset replaces it
-  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
-  evaluate = jax.jit(model.apply)  # jitted: eager ops compile one program each
+  x = uniform((4, 28, 28, 1), seed=1)
+  evaluate = jax.jit(model.apply)
   np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))  # eval: no dropout
   train_logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)},
                                                      mutable=["batch_stats"]))(variables, x)
@@ -94,19 +109,19 @@ def test_max_pool_2x2_matches_linen_values_and_gradients(shape):
   import flax.linen as nn
 
   from flaxzoo.models.layers import max_pool_2x2
-  x = jax.random.normal(jax.random.PRNGKey(0), shape)
+  x = normal(shape)
   linen = lambda x: nn.max_pool(x, (2, 2), (2, 2))  # noqa: E731
-  assert jnp.array_equal(max_pool_2x2(x), linen(x))
-  weights = jax.random.normal(jax.random.PRNGKey(1), linen(x).shape)
-  grad = lambda pool, x=x: jax.grad(lambda x: jnp.sum(pool(x) * weights))(x)  # noqa: E731
-  assert jnp.array_equal(grad(max_pool_2x2), grad(linen))
+  np.testing.assert_array_equal(jax.jit(max_pool_2x2)(x), jax.jit(linen)(x))
+  weights = normal(jax.eval_shape(linen, x).shape, seed=1)
+  grad = lambda pool, x=x: jax.jit(jax.grad(lambda x: jnp.sum(pool(x) * weights)))(x)  # noqa: E731
+  np.testing.assert_array_equal(grad(max_pool_2x2), grad(linen))
   # Ties (ReLU's zeros, rounded pixels): linen's gradient goes to one winner, max_pool_2x2's is
   # shared evenly, as a max over the window axes shares it.
-  ties = jnp.round(x)
+  ties = np.round(x)
   n, h, w, c = x.shape
   window_max = lambda x: x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))  # noqa: E731
-  assert jnp.array_equal(max_pool_2x2(ties), window_max(ties))
-  assert jnp.array_equal(grad(max_pool_2x2, ties), grad(window_max, ties))
+  np.testing.assert_array_equal(jax.jit(max_pool_2x2)(ties), jax.jit(window_max)(ties))
+  np.testing.assert_array_equal(grad(max_pool_2x2, ties), grad(window_max, ties))
 
 
 @pytest.mark.parametrize("features, kernel, padding, in_channels, shape", [
@@ -124,15 +139,15 @@ def test_conv_layer_matches_nn_conv(features, kernel, padding, in_channels, shap
   import flax.linen as nn
 
   from flaxzoo.models import layers
-  x = jax.random.uniform(jax.random.PRNGKey(0), (*shape, in_channels))
+  x = uniform((*shape, in_channels))
   plain, fast = nn.Conv(features, kernel, padding=padding), layers.Conv(features, kernel, padding=padding)
-  variables = plain.init(jax.random.PRNGKey(1), x)
-  assert jax.tree.all(jax.tree.map(jnp.array_equal, variables, fast.init(jax.random.PRNGKey(1), x)))
+  variables = jax.jit(plain.init)(jax.random.PRNGKey(1), x)
+  assert trees_equal(variables, jax.jit(fast.init)(jax.random.PRNGKey(1), x))
   apply = lambda module: jax.jit(module.apply)  # noqa: E731
   grad = lambda module: jax.jit(jax.grad(  # noqa: E731
       lambda v, x: jnp.sum(jnp.tanh(module.apply(v, x)) ** 2), argnums=(0, 1)))(variables, x)
   has_convolution = "convolution(" in jax.jit(fast.apply).lower(variables, x).as_text(dialect="hlo")
-  small = np.prod(fast.apply(variables, x).shape[:3]) <= layers.SMALL_CONV_POSITIONS
+  small = np.prod(jax.eval_shape(fast.apply, variables, x).shape[:3]) <= layers.SMALL_CONV_POSITIONS
   assert has_convolution == (in_channels > 1 and not small)  # the form expected is the one that runs
   # Two different XLA programs: equal within float32 rounding, not necessarily to the bit (the
   # ConvNet's second convolution at batch 1 differed by 3.6e-7 on an AVX2 EPYC).
@@ -156,37 +171,36 @@ def test_conv_relu_max_pool_matches_the_plain_layers(features, kernel, padding, 
   import flax.linen as nn
 
   from flaxzoo.models import layers
-  x = jax.random.uniform(jax.random.PRNGKey(0), (*shape, in_channels))
+  x = uniform((*shape, in_channels))
   conv, fused = nn.Conv(features, kernel, padding=padding), layers.ConvReluMaxPool(features, kernel, padding)
-  variables = conv.init(jax.random.PRNGKey(1), x)
-  variables = jax.tree.map(lambda v: v + 0.1, variables)  # a nonzero bias, so its place matters
-  assert jax.tree.all(jax.tree.map(
-      jnp.array_equal, conv.init(jax.random.PRNGKey(1), x), fused.init(jax.random.PRNGKey(1), x)))
+  variables = jax.jit(conv.init)(jax.random.PRNGKey(1), x)
+  assert trees_equal(variables, jax.jit(fused.init)(jax.random.PRNGKey(1), x))
+  variables = jax.tree.map(lambda v: np.asarray(v) + np.float32(0.1), variables)  # a nonzero bias: its place matters
   plain = lambda v, x: layers.max_pool_2x2(nn.relu(conv.apply(v, x)))  # noqa: E731
   hlo = jax.jit(fused.apply).lower(variables, x).as_text(dialect="hlo")
   assert ("convolution(" in hlo) == (in_channels > 1)  # the form expected is the one that runs
   if in_channels == 1:  # evaluated: shifted taps (no product) for a 3x3 kernel over many positions
-    positions = np.prod(conv.apply(variables, x).shape[:3])
+    positions = np.prod(jax.eval_shape(conv.apply, variables, x).shape[:3])
     shifted = kernel == (3, 3) and positions > layers.SHIFTED_TAPS_MIN_POSITIONS
     assert ("dot(" in hlo) != shifted
   expected = jax.jit(plain)(variables, x)
   np.testing.assert_allclose(jax.jit(fused.apply)(variables, x), expected, rtol=1e-5, atol=1e-5)
   differentiated = jax.jit(lambda v, x: jax.vjp(fused.apply, v, x)[0])(variables, x)
   np.testing.assert_allclose(differentiated, expected, rtol=1e-5, atol=1e-5)
-  weights = jax.random.normal(jax.random.PRNGKey(2), jax.eval_shape(plain, variables, x).shape)
+  weights = normal(jax.eval_shape(plain, variables, x).shape, seed=2)
   grad = lambda apply: jax.jit(jax.grad(  # noqa: E731
       lambda v, x: jnp.sum(jnp.tanh(apply(v, x)) * weights), argnums=(0, 1)))(variables, x)
   for a, b in zip(jax.tree.leaves(grad(fused.apply)), jax.tree.leaves(grad(plain))):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
 
 
 # Eager init compiles every op on its own (~10 s for resnet or a 6-block vit_tiny): one block of
 # ViT-tiny carries its own initialiser (pos_embed); resnet's are convnet's and BatchNorm's constants.
 @pytest.mark.parametrize("name, kwargs", [("convnet", {}), ("lenet5", {}), ("mlp", {}), ("vit_tiny", {"depth": 1})])
 def test_jitted_init_matches_the_eager_init(name, kwargs):
-  """training.state.init_variables jits `model.init` for a faster start: the same parameters as an
+  """models.init_variables jits `model.init` for a faster start: the same parameters as an
   eager init within float32 rounding (two XLA programs; a seeded run repeats its own bits)."""
-  from flaxzoo.training.state import init_variables
+  from flaxzoo.models import init_variables
   model, key = create_model(name, num_classes=10, **kwargs), jax.random.PRNGKey(7)
   eager = model.init(key, jnp.zeros((1, 28, 28, 1)), train=False)
   jitted = init_variables(model, key, (28, 28, 1))
@@ -209,10 +223,11 @@ def test_conv_layer_leaves_other_convolutions_to_lax():
   import flax.linen as nn
 
   from flaxzoo.models import layers
-  for conv, x in [(dict(features=4, kernel_size=(3,)), jnp.ones((2, 10, 1))),  # 1-D
-                  (dict(features=4, kernel_size=(3, 3), strides=2), jnp.ones((2, 8, 8, 1)))]:
-    variables = nn.Conv(**conv).init(jax.random.PRNGKey(0), x)
-    assert jnp.array_equal(layers.Conv(**conv).apply(variables, x), nn.Conv(**conv).apply(variables, x))
+  for conv, x in [(dict(features=4, kernel_size=(3,)), np.ones((2, 10, 1), np.float32)),  # 1-D
+                  (dict(features=4, kernel_size=(3, 3), strides=2), np.ones((2, 8, 8, 1), np.float32))]:
+    variables = jax.jit(nn.Conv(**conv).init)(jax.random.PRNGKey(0), x)
+    np.testing.assert_array_equal(jax.jit(layers.Conv(**conv).apply)(variables, x),
+                                  jax.jit(nn.Conv(**conv).apply)(variables, x))
 
 
 @pytest.mark.parametrize("shape", [(16, 7, 7, 8), (8, 4, 4, 3), (32, 5)])
@@ -220,16 +235,16 @@ def test_batch_norm_layer_matches_nn_batch_norm(shape):
   """layers.BatchNorm: nn.BatchNorm's variables, eval outputs to the bit; in training its outputs,
   updated statistics and gradients (parameters and input) within float rounding."""
   from flaxzoo.models import layers
-  x = jax.random.normal(jax.random.PRNGKey(0), shape) * 2.0 + 0.5
-  w = jax.random.normal(jax.random.PRNGKey(1), shape)
+  x = normal(shape) * 2.0 + 0.5
+  w = normal(shape, seed=1)
   ours, theirs = (cls(momentum=0.9, scale_init=nn.initializers.constant(1.3))
                   for cls in (layers.BatchNorm, nn.BatchNorm))
-  variables = ours.init(jax.random.PRNGKey(2), x, use_running_average=False)
-  reference = theirs.init(jax.random.PRNGKey(2), x, use_running_average=False)
-  assert jax.tree.all(jax.tree.map(np.array_equal, variables, reference))  # names, shapes, values
-  variables = jax.tree.map(lambda v: v + 0.1, variables)
-  np.testing.assert_array_equal(ours.apply(variables, x, use_running_average=True),
-                                theirs.apply(variables, x, use_running_average=True))
+  init = lambda module: jax.jit(functools.partial(module.init, use_running_average=False))  # noqa: E731
+  variables = init(ours)(jax.random.PRNGKey(2), x)
+  assert trees_equal(variables, init(theirs)(jax.random.PRNGKey(2), x))  # names, shapes, values
+  variables = jax.tree.map(lambda v: np.asarray(v) + np.float32(0.1), variables)
+  evaluate = lambda module: jax.jit(functools.partial(module.apply, use_running_average=True))  # noqa: E731
+  np.testing.assert_array_equal(evaluate(ours)(variables, x), evaluate(theirs)(variables, x))
 
   def loss(module, params, x):
     y, updates = module.apply({**variables, "params": params}, x, use_running_average=False,
@@ -238,8 +253,8 @@ def test_batch_norm_layer_matches_nn_batch_norm(shape):
 
   (value, (y, stats)), grads = jax.jit(jax.value_and_grad(functools.partial(loss, ours), (0, 1), has_aux=True))(
       variables["params"], x)
-  (value_ref, (y_ref, stats_ref)), grads_ref = jax.value_and_grad(
-      functools.partial(loss, theirs), (0, 1), has_aux=True)(variables["params"], x)
+  (value_ref, (y_ref, stats_ref)), grads_ref = jax.jit(jax.value_and_grad(
+      functools.partial(loss, theirs), (0, 1), has_aux=True))(variables["params"], x)
   expected = jax.tree.leaves((value_ref, y_ref, stats_ref, grads_ref))
   for got, want in zip(jax.tree.leaves((value, y, stats, grads)), expected, strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -248,8 +263,8 @@ def test_batch_norm_layer_matches_nn_batch_norm(shape):
 def test_batch_norm_statistics_are_differentiable_outputs():
   """batch_norm_train's mean and variance carry their gradients too (as nn.BatchNorm's would)."""
   from flaxzoo.models import layers
-  x = jax.random.normal(jax.random.PRNGKey(0), (6, 3, 3, 4)) + 1.0
-  scale, bias = jnp.full((4,), 0.7), jnp.full((4,), 0.2)
+  x = normal((6, 3, 3, 4)) + 1.0
+  scale, bias = np.full((4,), 0.7, np.float32), np.full((4,), 0.2, np.float32)
 
   def plain(x, scale, bias):
     mean = x.mean((0, 1, 2))
@@ -260,7 +275,8 @@ def test_batch_norm_statistics_are_differentiable_outputs():
     y, mean, var = norm(x, scale, bias)
     return jnp.sum(jnp.sin(y)) + jnp.sum(mean ** 2) + jnp.sum(jnp.cos(var))
 
-  got = jax.grad(functools.partial(uses_all, lambda *a: layers.batch_norm_train(*a, 1e-5)), (0, 1, 2))(x, scale, bias)
-  want = jax.grad(functools.partial(uses_all, plain), (0, 1, 2))(x, scale, bias)
+  gradient = lambda norm: jax.jit(jax.grad(functools.partial(uses_all, norm), (0, 1, 2)))(x, scale, bias)  # noqa: E731
+  got = gradient(lambda *a: layers.batch_norm_train(*a, 1e-5))
+  want = gradient(plain)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -13,12 +13,13 @@ from conftest import generated_images, write_checkpoint
 from PIL import Image
 
 from flaxzoo import models
+from flaxzoo.models import init_variables
 from flaxzoo.training import checkpoint
 from flaxzoo.training.config import Config, ConfigError, validate
 from flaxzoo.training.evaluation import evaluate, logits_step
 from flaxzoo.training.inference import predict_arrays, predict_files
 from flaxzoo.training.optimizer import learning_rate_schedule
-from flaxzoo.training.state import create_train_state, init_variables
+from flaxzoo.training.state import create_train_state
 from flaxzoo.training.steps import cross_entropy, train_step
 
 TINY = {"widths": [4, 8], "hidden": 16}

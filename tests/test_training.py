@@ -170,8 +170,8 @@ def test_named_config_fast_and_overrides():
 
 @pytest.mark.parametrize("name", ["convnet", "resnet"])  # resnet: BatchNorm's running statistics
 def test_logits_in_passes_match_one_pass(name):
+  from flaxzoo.models import init_variables
   from flaxzoo.training.evaluation import logits_step
-  from flaxzoo.training.state import init_variables
   model = models.create_model(name, num_classes=10)
   variables = init_variables(model, jax.random.PRNGKey(0), (28, 28, 1))
   images = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1), dtype=np.uint8)
@@ -185,8 +185,8 @@ def test_logits_in_passes_match_one_pass(name):
 
 
 def test_passes_keep_an_eval_batch_temporaries_small():
+  from flaxzoo.models import init_variables
   from flaxzoo.training.evaluation import EVAL_TEMP_BYTES, MAX_PASSES, eval_step, passes_for
-  from flaxzoo.training.state import init_variables
 
   def temp_bytes(model, variables, batch, passes):
     compiled = eval_step.lower(model, variables, *batch, passes=passes).compile()

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from flaxzoo.models import init_variables
 from flaxzoo.training import checkpoint
 from flaxzoo.training.optimizer import param_groups, param_path
-from flaxzoo.training.state import init_variables
 
 
 @dataclasses.dataclass

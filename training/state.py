@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import struct
 from flax.training import train_state
 
+from flaxzoo.models.profile import model_init, run_once
 from flaxzoo.training.config import Config
 from flaxzoo.training.optimizer import create_optimizer
 
@@ -57,28 +58,6 @@ def copy_of(tree):
   return jax.tree.map(jnp.copy, tree)
 
 
-# XLA's backend optimisation level for programs that run once (initialisation): level 1 compiles
-# the ConvNet's init in ~0.9 s instead of ~3 s (ResNet's 2 s instead of 12.5 s) with the same bits
-# as the default level 3 (tests/test_models.py); level 0 changed the random draws' rounding.
-RUN_ONCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
-
-
-def run_once(fn):
-  """`jax.jit(fn)` compiled for a single call: quickly, with little optimisation."""
-  return jax.jit(fn, compiler_options=RUN_ONCE_COMPILER_OPTIONS)
-
-
-def init_variables(model: nn.Module, key, input_shape) -> dict:
-  """`model.init` at one example of `input_shape`, as one run-once program. Eagerly, every
-  initializer and op compiled on its own: the ConvNet's init took 2.4 s from a cold start. The bits
-  are the eager ones (tests/test_models.py checks every registered model)."""
-  return run_once(lambda key: _model_init(model, key, input_shape))(key)
-
-
-def _model_init(model: nn.Module, key, input_shape) -> dict:
-  return model.init(key, jnp.zeros((1, *input_shape), jnp.float32), train=False)
-
-
 def create_train_state(model: nn.Module, config: Config, input_shape, total_steps: int) -> TrainState:
   """The state at step 0, from `config.seed`: key split, `model.init`, the optimizer's state and
   the EMA's copy of the params, all in one run-once program."""
@@ -86,7 +65,7 @@ def create_train_state(model: nn.Module, config: Config, input_shape, total_step
 
   def initial_state() -> TrainState:
     init_key, train_key = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = _model_init(model, init_key, input_shape)
+    variables = model_init(model, init_key, input_shape)
     # The EMA gets buffers of its own: XLA copies an output that appears twice.
     return TrainState.create(
         apply_fn=model.apply, params=variables["params"], tx=tx,
