@@ -2,7 +2,8 @@
 real signal at a chosen moment.
 
     python tests/fault_child.py [--kill-at-step N] [--kill-before-commit N] [--kill-after-commit N]
-                                [--pause-at-step N] [--signal KILL|TERM|INT] [--file-size-limit BYTES]
+                                [--pause-at-step N [--resume-file PATH]] [--signal KILL|TERM|INT]
+                                [--file-size-limit BYTES]
                                 -- TRAIN_ARGS...
 
 The product code is not changed: the hooks wrap the jitted train step (what
@@ -30,6 +31,8 @@ def main() -> int:
   parser.add_argument("--pause-at-step", type=int, metavar="N",
                       help="sleep --pause-seconds before running this step (a run still going)")
   parser.add_argument("--pause-seconds", type=float, default=15.0)
+  parser.add_argument("--resume-file", type=Path,
+                      help="end the pause as soon as this file exists (--pause-seconds: at most)")
   parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM", "INT"])
   parser.add_argument("--twice", action="store_true", help="send the signal twice in a row")
   parser.add_argument("--file-size-limit", type=int,
@@ -77,7 +80,9 @@ def main() -> int:
   if args.pause_at_step is not None:
     def pause_at_step(real_step, state, images, labels):
       if step_of(state) == args.pause_at_step:
-        time.sleep(args.pause_seconds)
+        deadline = time.monotonic() + args.pause_seconds
+        while time.monotonic() < deadline and not (args.resume_file and args.resume_file.exists()):
+          time.sleep(0.05)
       return real_step(state, images, labels)
     wrap_train_step(pause_at_step)
 

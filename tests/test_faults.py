@@ -181,10 +181,16 @@ def start(workdir, data_dir, *hooks):
 
 def test_a_second_writer_is_refused_at_the_same_moment_and_mid_run(tmp_path, mnist_data_dir, uninterrupted):
   workdir = tmp_path / "shared"
-  # Both started at once; whichever takes the lock pauses at step 2, so the other finds it held.
-  first, second = (start(workdir, mnist_data_dir, "--pause-at-step", 2, "--pause-seconds", 10)
-                   for _ in range(2))
-  results = sorted((p.wait(timeout=600), p.stderr.read()) for p in (first, second))
+  # Both started at once; whichever takes the lock pauses at step 2 until the test has seen the
+  # other one refused (or 5 minutes passed), so the other finds it held.
+  resume = tmp_path / "resume"
+  processes = [start(workdir, mnist_data_dir, "--pause-at-step", 2, "--pause-seconds", 300,
+                     "--resume-file", resume) for _ in range(2)]
+  deadline = time.monotonic() + 300
+  while all(p.poll() is None for p in processes) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  resume.touch()
+  results = sorted((p.wait(timeout=600), p.stderr.read()) for p in processes)
   (ok, _), (refused, message) = results
   assert (ok, refused) == (0, 2), message
   assert "is being written by another flaxzoo run (pid" in message and "wait for it to end" in message
@@ -192,11 +198,13 @@ def test_a_second_writer_is_refused_at_the_same_moment_and_mid_run(tmp_path, mni
 
   # Mid-run: a second writer while the first is paused at step 16 of a continued run.
   shutil.rmtree(workdir)
-  holder = start(workdir, mnist_data_dir, "--pause-at-step", 16, "--pause-seconds", 12)
+  resume = tmp_path / "resume-mid-run"
+  holder = start(workdir, mnist_data_dir, "--pause-at-step", 16, "--pause-seconds", 300, "--resume-file", resume)
   deadline = time.monotonic() + 300
   while 12 not in checkpoint.saved_steps(workdir) and time.monotonic() < deadline:
     time.sleep(0.2)
   late = attempt(workdir, mnist_data_dir)
+  resume.touch()
   assert late.returncode == 2 and late.stderr.count("flaxzoo: error:") == 1, late.stderr
   assert f"pid {holder.pid} on " in late.stderr
   assert holder.wait(timeout=600) == 0, holder.stderr.read()
