@@ -25,8 +25,11 @@ ZOO = models.list_models()
 # Each architecture's code, with ViT-tiny one block deep: six blocks cost ~4x the compilation and
 # test nothing more (checkpoints and dtypes do not depend on it at all: ViT-tiny is left out there).
 SMALL = {"vit_tiny": {"depth": 1}}
-ZOO_CASES = list(ZOO)
 ZOO_CASES_NO_VIT = [name for name in ZOO if name != "vit_tiny"]
+# ResNet's and ViT-tiny's train steps are the largest programs a unit test here compiles (6-8 s
+# each): their train-step cases are in the full suite only; the fast tier keeps the other three.
+TRAIN_STEP_CASES = [pytest.param(name, marks=pytest.mark.slow) if name in ("resnet", "vit_tiny") else name
+                    for name in ZOO]
 
 
 def zoo_model(name: str, **kwargs):
@@ -54,7 +57,7 @@ def train_mode_loss(state, images, labels):
   return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(len(labels)), labels])
 
 
-@pytest.mark.parametrize("case", ZOO_CASES)
+@pytest.mark.parametrize("case", TRAIN_STEP_CASES)
 def test_a_train_step_lowers_the_loss_and_eval_mode_is_deterministic(case, batch):
   """One step lowers the training loss. Then in eval mode dropout is off and BatchNorm uses its
   running statistics (moved from their init by that step): an image's output is the same under
