@@ -8,14 +8,14 @@
 loads only when one of these is called.
 """
 
+from flaxzoo.models.profile import init_variables
+
 
 def to_nnx(module, input_shape=(28, 28, 1), variables: dict | None = None, rngs=None):
   """`module` (a linen zoo model) as an initialised `nnx.bridge.ToNNX` module; with `variables`
   (linen's {'params': ..., 'batch_stats': ...}) it holds exactly those values."""
   from flax import nnx
   from flax.nnx.bridge import variables as bridge_variables
-
-  from flaxzoo.models.profile import init_variables
 
   rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)  # dropout: ViT's stream
   model = nnx.bridge.ToNNX(module, rngs=rngs)

@@ -16,12 +16,14 @@ extras=""
 [ "${1:-}" = "export" ] && extras="[export]"
 pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 
+pip_config=""  # `pip config list`, read once: every file pip reads and its PIP_* variables
 pip_setting() {  # pip's value for option $1 (a later source, such as a PIP_* variable, wins)
-  .venv/bin/python -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.*\)'$/\1/p" | tail -n 1
+  sed -n "s/^[^.]*\.$1='\(.*\)'$/\1/p" <<< "$pip_config" | tail -n 1
 }
 
 uv_install() {
   "${pip[@]}" "uv>=0.9,<1" 2>/dev/null || return 1
+  pip_config=$(.venv/bin/python -m pip config list 2>/dev/null)
   # unsafe-best-match: the highest version over every index, as pip chooses (uv's default is the
   # first index that has the package); bytecode now, as pip compiles it, so imports stay quick.
   local uv=(.venv/bin/uv pip install --quiet --python .venv/bin/python --native-tls

@@ -200,7 +200,6 @@ def test_conv_relu_max_pool_matches_the_plain_layers(features, kernel, padding, 
 def test_jitted_init_matches_the_eager_init(name, kwargs):
   """models.init_variables jits `model.init` for a faster start: the same parameters as an
   eager init within float32 rounding (two XLA programs; a seeded run repeats its own bits)."""
-  from flaxzoo.models import init_variables
   model, key = create_model(name, num_classes=10, **kwargs), jax.random.PRNGKey(7)
   eager = model.init(key, jnp.zeros((1, 28, 28, 1)), train=False)
   jitted = init_variables(model, key, (28, 28, 1))
