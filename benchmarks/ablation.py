@@ -1,7 +1,8 @@
 """What each JAX speed change bought, measured side by side: the ConvNet's train step and its eval
 forward at batch 1024, with linen's `max_pool` or `models.layers.max_pool_2x2`, with `nn.Conv` or
 `models.layers.Conv`, and with each convolution, its ReLU and its pooling as
-`models.layers.ConvReluMaxPool` (the ConvNet now), under XLA:CPU's YNNPACK fusions on (jaxlib's
+`models.layers.ConvReluMaxPool` (the ConvNet now; and as it was when its pooling gradients matched
+each window against its maximum again and split ties evenly), under XLA:CPU's YNNPACK fusions on (jaxlib's
 default) or off (flaxzoo's setting, flaxzoo.runtime) or any XLA_FLAGS given with --xla-flags, and
 with glibc mapping large blocks as it does by default (its dynamic thresholds at their ceiling:
 blocks over 32 MB mapped fresh on every allocation) instead of flaxzoo's heap-only setting, against
@@ -72,6 +73,96 @@ class ProductEvalConvNet(nn.Module):
     return nn.Dense(self.num_classes, name="head")(x)
 
 
+def _even_split_gradient(windows, best, grad, axes):
+  """The pooling gradient before it kept each window's first maximum: `windows` matched against
+  their maximum `best` again in the backward pass, `grad` shared evenly by the entries equal to it."""
+  import itertools
+
+  import jax.numpy as jnp
+  winners = windows == best
+  entries = itertools.product(*(range(windows.shape[axis]) for axis in axes))
+  index = lambda entry: tuple(entry[axes.index(d)] if d in axes else slice(None)  # noqa: E731
+                              for d in range(windows.ndim))
+  count = sum(winners[index(entry)].astype(grad.dtype) for entry in entries)
+  return jnp.where(winners, jnp.expand_dims(grad / count, axes), 0.0)
+
+
+def _even_split_pool(x):
+  """layers.max_pool_2x2 of even-sized `x` with the even-split gradient."""
+  import jax
+
+  from flaxzoo.models import layers
+
+  @jax.custom_vjp
+  def pool(x):
+    return layers._pairwise_max_pool(x)
+
+  def pool_bwd(residuals, grad):
+    x, pooled = residuals
+    n, height, width, channels = x.shape
+    windows = x.reshape(n, height // 2, 2, width // 2, 2, channels)
+    return (_even_split_gradient(windows, pooled[:, :, None, :, None, :], grad, (2, 4)).reshape(x.shape),)
+
+  pool.defvjp(lambda x: (layers._pairwise_max_pool(x), (x, layers._pairwise_max_pool(x))), pool_bwd)
+  return pool(x)
+
+
+def _even_split_conv_pool(x, kernel, padding):
+  """layers.conv_max_pool_2x2's one-channel product with the even-split gradient."""
+  import jax
+
+  from flaxzoo.models import layers
+
+  @jax.custom_vjp
+  def conv_pool(x, kernel):
+    return layers._max_of_four(layers._pooled_windows(x, kernel, padding))
+
+  def conv_pool_fwd(x, kernel):
+    windows = layers._pooled_windows(x, kernel, padding)
+    pooled = layers._max_of_four(windows)
+    return pooled, (x, kernel, windows, pooled)
+
+  def conv_pool_bwd(residuals, grad):
+    x, kernel, windows, pooled = residuals
+    window_grad = _even_split_gradient(windows, pooled[:, :, :, None, :], grad, (3,))
+    n, pooled_h, pooled_w, _, features = windows.shape
+    conv_grad = window_grad.reshape(n, pooled_h, pooled_w, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
+    conv_grad = conv_grad.reshape(n, 2 * pooled_h, 2 * pooled_w, features)
+    return jax.vjp(lambda x, kernel: layers._conv_nhwc(x, kernel, padding), x, kernel)[1](conv_grad)
+
+  conv_pool.defvjp(conv_pool_fwd, conv_pool_bwd)
+  return conv_pool(x, kernel)
+
+
+class EvenSplitConvReluMaxPool(nn.Module):
+  """layers.ConvReluMaxPool (3x3, SAME) with the even-split pooling gradients."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    from flaxzoo.models import layers
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    if x.shape[-1] == 1:
+      x = _even_split_conv_pool(x, kernel, ((1, 1), (1, 1)))
+    else:
+      x = _even_split_pool(layers.conv(x, kernel, (1, 1), "SAME", dimension_numbers=layers.NHWC))
+    return nn.relu(x + bias)
+
+
+class EvenSplitConvNet(nn.Module):
+  """The ConvNet (its parameters) as trained before the pooling gradients kept each window's first
+  maximum."""
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    for index, width in enumerate((16, 32)):
+      x = EvenSplitConvReluMaxPool(width, name=f"Conv_{index}")(x)
+    x = nn.relu(nn.Dense(128)(x.reshape((x.shape[0], -1))))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
 def mapped_logits(model, variables, images, passes: int):
   """Eval in passes as before they were written out: a `lax.map` over the chunks."""
   import jax
@@ -101,6 +192,7 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   variants = {"linen max_pool, nn.Conv": EarlierConvNet(linen_pool=True),
               "max_pool_2x2, nn.Conv": EarlierConvNet(),
               "max_pool_2x2, layers.Conv": EarlierConvNet(layers_conv=True),
+              "ConvReluMaxPool, ties split evenly": EvenSplitConvNet(),
               "ConvReluMaxPool (now)": runner.model}
   now = "ConvReluMaxPool (now)"
   states = {name: create_train_state(model, runner.config, bench.MNIST_SHAPE, 10_000)
@@ -146,7 +238,8 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   work = {}
   for name in variants:
     work[f"train: {name}"] = (steps * batch_size, lambda name=name: jax_train(name))
-    work[f"eval: {name}"] = (5 * eval_batch_size, lambda name=name: jax_eval(name))
+    if name != "ConvReluMaxPool, ties split evenly":  # a change to training only: eval is now's
+      work[f"eval: {name}"] = (5 * eval_batch_size, lambda name=name: jax_eval(name))
   work[f"eval: {now}, in passes"] = (5 * eval_batch_size, jax_eval_in_passes)
   work[f"eval: {now}, in passes as a lax.map"] = (5 * eval_batch_size, jax_eval_in_mapped_passes)
   work["eval: ConvReluMaxPool, first one as the product"] = (5 * eval_batch_size, jax_eval_as_product)

@@ -30,8 +30,8 @@ def max_pool_2x2(x: jnp.ndarray) -> jnp.ndarray:
 
   linen's `max_pool` lowers to `reduce_window`, whose gradient is a `select_and_scatter` that
   XLA:CPU runs slowly. Here the pooling is two elementwise maxima of halves of a reshape (rows,
-  then columns) and its gradient a mask of each window's winners, ties split evenly as
-  `jnp.max`'s: the same values and gradients, and XLA fuses both into simple loops
+  then columns) and its gradient goes to each window's first maximum in row-major order, as
+  linen's (and PyTorch's): the same values and gradients, and XLA fuses both into simple loops
   (docs/performance.md).
   """
   n, height, width, channels = x.shape
@@ -52,16 +52,20 @@ def _pairwise_max_pool(x):
                      jax.lax.slice_in_dim(columns, channels, 2 * channels, axis=3))
 
 
-def _winners_gradient(windows, best, grad, axes):
-  """The gradient of a max over `axes` of `windows` (`best`: the max, kept broadcastable):
-  `grad` shared evenly by the entries equal to the max, as jnp.max's gradient. The count is a sum
-  of slices, not a reduction, which XLA:CPU ran ~2x slower."""
-  winners = windows == best
-  entries = itertools.product(*(range(windows.shape[axis]) for axis in axes))
-  index = lambda entry: tuple(entry[axes.index(d)] if d in axes else slice(None)  # noqa: E731
-                              for d in range(windows.ndim))
-  count = sum(winners[index(entry)].astype(grad.dtype) for entry in entries)
-  return jnp.where(winners, jnp.expand_dims(grad / count, axes), 0.0)
+def _first_winner(candidates, best):
+  """The index (uint8) of the first of `candidates` (equal shapes) equal to their maximum `best`.
+  The backward pass keeps this quarter-size index rather than the pooling's input: its gradient
+  is then a select of the output gradient, which on XLA:CPU ran faster than matching the input
+  against the maximum again (docs/performance.md)."""
+  index = jnp.full(best.shape, len(candidates) - 1, jnp.uint8)
+  for i in reversed(range(len(candidates) - 1)):
+    index = jnp.where(candidates[i] == best, jnp.uint8(i), index)
+  return index
+
+
+def _to_winners(grad, index, count):
+  """`grad` at each of `count` candidates: where `index` names it, else 0."""
+  return [jnp.where(index == i, grad, 0.0) for i in range(count)]
 
 
 @jax.custom_vjp
@@ -71,15 +75,19 @@ def _max_pool_even(x):
 
 def _max_pool_even_fwd(x):
   pooled = _pairwise_max_pool(x)
-  return pooled, (x, pooled)
-
-
-def _max_pool_even_bwd(residuals, grad):
-  x, pooled = residuals
   n, height, width, channels = x.shape
   windows = x.reshape(n, height // 2, 2, width // 2, 2, channels)
-  best = pooled[:, :, None, :, None, :]
-  return (_winners_gradient(windows, best, grad, (2, 4)).reshape(x.shape),)
+  corner = lambda a, b: jax.lax.index_in_dim(  # noqa: E731
+      jax.lax.index_in_dim(windows, a, 2, False), b, 3, False)
+  return pooled, _first_winner([corner(a, b) for a in (0, 1) for b in (0, 1)], pooled)
+
+
+def _max_pool_even_bwd(index, grad):
+  n, half_height, half_width, channels = grad.shape
+  g00, g01, g10, g11 = _to_winners(grad, index, 4)
+  rows = [jnp.stack(pair, axis=3) for pair in ((g00, g01), (g10, g11))]  # (n, H/2, W/2, 2, C)
+  windows = jnp.stack(rows, axis=2)  # (n, H/2, 2, W/2, 2, C)
+  return (windows.reshape(n, 2 * half_height, 2 * half_width, channels),)
 
 
 _max_pool_even.defvjp(_max_pool_even_fwd, _max_pool_even_bwd)
@@ -242,7 +250,7 @@ def conv_max_pool_2x2(x: jnp.ndarray, kernel: jnp.ndarray, padding="SAME") -> jn
   the window's four offsets ((KH+1)(KW+1), 4F), then a max over the four. XLA:CPU runs the
   one-channel convolution at ~6-15 GFLOP/s; with the product the ConvNet trained at 1.14-1.15x
   PyTorch eager's rate instead of 0.97-1.01x (docs/performance.md). The gradients are XLA's convolution
-  gradients of the pooled window's winner, ties split as `max_pool_2x2`'s; values match the
+  gradients of the pooled window's winner (the first of ties, as `max_pool_2x2`'s); values match the
   plain form to float rounding, not bit for bit.
   """
   padding = _pairs(x, kernel, padding)
@@ -308,13 +316,14 @@ def _conv_pool_product(x, kernel, padding):
 def _conv_pool_product_fwd(x, kernel, padding):
   windows = _pooled_windows(x, kernel, padding)
   pooled = _max_of_four(windows)
-  return pooled, (x, kernel, windows, pooled)
+  window = lambda i: jax.lax.index_in_dim(windows, i, 3, False)  # noqa: E731
+  return pooled, (x, kernel, _first_winner([window(i) for i in range(4)], pooled))
 
 
 def _conv_pool_product_bwd(padding, residuals, grad):
-  x, kernel, windows, pooled = residuals
-  window_grad = _winners_gradient(windows, pooled[:, :, :, None, :], grad, (3,))
-  n, pooled_h, pooled_w, _, features = windows.shape
+  x, kernel, index = residuals
+  window_grad = jnp.stack(_to_winners(grad, index, 4), axis=3)  # (N, H'/2, W'/2, 4, F)
+  n, pooled_h, pooled_w, _, features = window_grad.shape
   conv_grad = window_grad.reshape(n, pooled_h, pooled_w, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
   conv_grad = conv_grad.reshape(n, 2 * pooled_h, 2 * pooled_w, features)
   out_h, out_w = _output_size(x, kernel, padding)

@@ -136,6 +136,24 @@ def test_ablations_earlier_eval_forms_compute_the_convnets_logits():
   np.testing.assert_allclose(mapped, now, rtol=1e-5, atol=1e-6)
 
 
+def test_ablations_even_split_convnet_has_the_convnets_gradients():
+  """benchmarks/ablation.py's "ties split evenly" train row: today's ConvNet with the earlier
+  pooling gradients, the same parameters and gradients within float rounding (images without ties)."""
+  import jax.numpy as jnp
+
+  from flaxzoo.benchmarks import ablation
+  model = models.create_model("convnet", num_classes=10)
+  images, labels = bench.synthetic_batch(32)
+  variables = init_variables(model, jax.random.PRNGKey(0), images.shape[1:])
+  x = to_model_input(images)
+  loss = lambda module: jax.jit(jax.grad(  # noqa: E731
+      lambda v: jnp.mean(module.apply(v, x)[jnp.arange(32), labels])))(variables)
+  now, before = loss(model), loss(ablation.EvenSplitConvNet())
+  assert jax.tree.structure(now) == jax.tree.structure(before)
+  for a, b in zip(jax.tree.leaves(now), jax.tree.leaves(before)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+
+
 def test_batch_norm_benchmark_builds_each_model_both_ways():
   """benchmarks/batch_norm.py's swap: inside it the ResNet traces nn.BatchNorm's reductions (no
   custom VJP), outside it layers.BatchNorm's; the swap is undone afterwards."""
