@@ -97,13 +97,17 @@ def _even_split_pool(x):
   def pool(x):
     return layers._pairwise_max_pool(x)
 
+  def pool_fwd(x):
+    pooled = layers._pairwise_max_pool(x)
+    return pooled, (x, pooled)
+
   def pool_bwd(residuals, grad):
     x, pooled = residuals
     n, height, width, channels = x.shape
     windows = x.reshape(n, height // 2, 2, width // 2, 2, channels)
     return (_even_split_gradient(windows, pooled[:, :, None, :, None, :], grad, (2, 4)).reshape(x.shape),)
 
-  pool.defvjp(lambda x: (layers._pairwise_max_pool(x), (x, layers._pairwise_max_pool(x))), pool_bwd)
+  pool.defvjp(pool_fwd, pool_bwd)
   return pool(x)
 
 
