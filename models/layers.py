@@ -323,6 +323,12 @@ def _conv_pool_product_fwd(x, kernel, padding):
 def _conv_pool_product_bwd(padding, residuals, grad):
   x, kernel, index = residuals
   window_grad = jnp.stack(_to_winners(grad, index, 4), axis=3)  # (N, H'/2, W'/2, 4, F)
+  return _conv_grads_of_windows(x, kernel, padding, window_grad)
+
+
+def _conv_grads_of_windows(x, kernel, padding, window_grad):
+  """XLA's convolution gradients (of `x` and `kernel`) for the gradient of each pooling window's
+  four outputs, (N, H'/2, W'/2, 4, F)."""
   n, pooled_h, pooled_w, _, features = window_grad.shape
   conv_grad = window_grad.reshape(n, pooled_h, pooled_w, 2, 2, features).transpose(0, 1, 3, 2, 4, 5)
   conv_grad = conv_grad.reshape(n, 2 * pooled_h, 2 * pooled_w, features)
