@@ -1,9 +1,9 @@
 """`flaxzoo bench --devices 1,2,4`: the data-parallel train step (`training.parallel`) on 1, 2, 4
 ... devices, and on one device against the plain single-device step, in one run.
 
-Each runner feeds a host batch every step, as the training loop does (sharded path: split over
-the mesh by `parallel.global_batch`; plain path: handed to the jitted step). The runners take turns
-(interleaved repeats, medians). Also printed: the gradient bytes every step all-reduces, and what
+Each runner feeds a host batch every step, as the training loop does (`parallel.step_batch`:
+split over the mesh by the sharded step's in_shardings; plain path: handed to the jitted step).
+The runners take turns (interleaved repeats, medians). Also printed: the gradient bytes every step all-reduces, and what
 a ring all-reduce sends per device, 2 (n - 1) / n of them: the communication the estimate of
 scaling on GPUs in docs/scale-out.md starts from.
 
@@ -30,7 +30,7 @@ class ShardedRunner:
   def train_steps(self, images, labels, steps: int) -> None:
     state = self.state
     for _ in range(steps):
-      state, metrics = self.step(state, *parallel.global_batch(self.layout, images, labels))
+      state, metrics = self.step(state, *parallel.step_batch(self.layout, images, labels))
       if self.layout.waits_for_each_step:  # as the training loop does
         jax.block_until_ready(metrics)
     jax.block_until_ready(state.params)

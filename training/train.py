@@ -519,7 +519,7 @@ def train_epochs(run: Run, state, latest_metrics, pending, last_saved, stop, tra
                  disable=not (sys.stderr.isatty() and layout.is_primary))  # tqdm's None misdetects ttys
       stop_if_requested()
       for images, labels in itertools.islice(batches, steps_per_epoch - start_batch):
-        images, labels = parallel.global_batch(layout, images, labels)
+        images, labels = parallel.step_batch(layout, images, labels)
         with run.profiler.step(step + 1):
           state, step_metrics = step_fn(state, images, labels)
         if layout.waits_for_each_step:
