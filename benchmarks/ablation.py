@@ -186,7 +186,7 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
   import jax
 
   from flaxzoo.benchmarks import bench
-  from flaxzoo.training.evaluation import logits_step, passes_for
+  from flaxzoo.training.evaluation import compiled_in_passes, logits_step, passes_for
   from flaxzoo.training.state import create_train_state
   from flaxzoo.training.steps import to_model_input, train_step
 
@@ -216,11 +216,11 @@ def measure(batch_size: int, repeats: int, steps: int = 20, eval_batch_size: int
     for _ in range(calls):
       forwards[name](states[name].variables(), eval_images).block_until_ready()
 
-  def jax_eval_in_passes(calls=5):  # what `flaxzoo eval` runs (training.state.passes_for)
-    model, variables = runner.model, states[now].variables()
-    passes = passes_for(logits_step, model, variables, eval_images)
+  def jax_eval_in_passes(calls=5):  # what `flaxzoo eval` runs (evaluation.compiled_in_passes)
+    variables = states[now].variables()
+    program = compiled_in_passes(logits_step, runner.model, variables, eval_images)
     for _ in range(calls):
-      logits_step(model, variables, eval_images, passes=passes).block_until_ready()
+      program(variables, eval_images).block_until_ready()
 
   product_forward = jax.jit(ProductEvalConvNet().apply)
   mapped = jax.jit(mapped_logits, static_argnums=(0, 3))

@@ -37,7 +37,7 @@ from flaxzoo.benchmarks import machine
 from flaxzoo.benchmarks.torch_twins import import_torch, torch_twin
 from flaxzoo.models import layers
 from flaxzoo.training import configs
-from flaxzoo.training.evaluation import logits_in_passes, logits_step, passes_for
+from flaxzoo.training.evaluation import compiled_in_passes, logits_in_passes, logits_step
 from flaxzoo.training.state import create_train_state
 from flaxzoo.training.steps import train_step
 
@@ -75,8 +75,7 @@ class JaxRunner:
 
   def evaluate(self, images) -> None:  # in passes, as `flaxzoo eval` and `predict` run a batch
     variables = self.state.variables()
-    passes = passes_for(logits_step, self.model, variables, images)
-    logits_step(self.model, variables, images, passes=passes).block_until_ready()
+    compiled_in_passes(logits_step, self.model, variables, images)(variables, images).block_until_ready()
 
   def predict_one(self, image) -> np.ndarray:
     return np.asarray(self.forward(self.state.variables(), image))

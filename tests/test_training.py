@@ -186,7 +186,8 @@ def test_logits_in_passes_match_one_pass(name):
 
 def test_passes_keep_an_eval_batch_temporaries_small():
   from flaxzoo.models import init_variables
-  from flaxzoo.training.evaluation import EVAL_TEMP_BYTES, MAX_PASSES, eval_step, passes_for
+  from flaxzoo.training import evaluation
+  from flaxzoo.training.evaluation import EVAL_TEMP_BYTES, MAX_PASSES, compiled_in_passes, eval_step, passes_for
 
   def temp_bytes(model, variables, batch, passes):
     compiled = eval_step.lower(model, variables, *batch, passes=passes).compile()
@@ -203,10 +204,21 @@ def test_passes_keep_an_eval_batch_temporaries_small():
   huge = (np.zeros((20000, 28, 28, 1), np.uint8), np.zeros(20000, np.int32), np.ones(20000, np.float32))
   assert passes_for(eval_step, convnet, variables, *huge) == MAX_PASSES  # ~700 MB: the cap
   mlp = models.create_model("mlp", num_classes=10)
-  assert passes_for(eval_step, mlp, init_variables(mlp, jax.random.PRNGKey(0), (28, 28, 1)),
-                    *batch) == 1  # ~5 MB: one pass
+  mlp_variables = init_variables(mlp, jax.random.PRNGKey(0), (28, 28, 1))
+  assert passes_for(eval_step, mlp, mlp_variables, *batch) == 1  # ~5 MB: one pass
   one = jax.device_get(eval_step(convnet, variables, *batch, passes=1))
   many = jax.device_get(eval_step(convnet, variables, *batch, passes=passes))
   for key in ("confusion", "correct", "count"):
     np.testing.assert_array_equal(one[key], many[key])
   np.testing.assert_allclose(one["loss_sum"], many["loss_sum"], rtol=1e-5)  # up to rounding
+  # The programs evaluate runs: the analysed one-pass program itself when one pass is enough (no
+  # second compilation), else the one in `passes`; each gives what the jitted call gives.
+  compilations = evaluation._compiled.cache_info().misses
+  mlp_sums = jax.device_get(compiled_in_passes(eval_step, mlp, mlp_variables, *batch)(mlp_variables, *batch))
+  assert evaluation._compiled.cache_info().misses == compilations
+  expected = jax.device_get(eval_step(mlp, mlp_variables, *batch, passes=1))
+  convnet_sums = jax.device_get(compiled_in_passes(eval_step, convnet, variables, *batch)(variables, *batch))
+  assert evaluation._compiled.cache_info().misses == compilations + 1
+  for got, want in ((mlp_sums, expected), (convnet_sums, many)):
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])

@@ -55,19 +55,42 @@ def logits_in_passes(model: nn.Module, variables, images, passes: int = 1, tta: 
 
 def passes_for(jitted, model: nn.Module, variables, images, *rest, tta: str = "none") -> int:
   """The `passes` for the call `jitted(model, variables, images, *rest, tta=tta)`: one per
-  EVAL_TEMP_BYTES of the one-pass program's temporaries (XLA's memory analysis of that program,
-  whose compilation a one-pass call then reuses), at most MAX_PASSES. Remembered per shape."""
-  leaves, treedef = jax.tree.flatten((variables, images, *rest))
-  specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype) for leaf in leaves)
-  return _passes_for(jitted, model, treedef, specs, np.shape(images)[0], tta)
+  EVAL_TEMP_BYTES of the one-pass program's temporaries (XLA's memory analysis of that program),
+  at most MAX_PASSES. Remembered per shape."""
+  return _analysed(*_signature(jitted, model, variables, images, *rest, tta=tta))[0]
+
+
+def compiled_in_passes(jitted, model: nn.Module, variables, images, *rest, tta: str = "none"):
+  """`jitted(model, variables, images, *rest, passes=passes_for(...), tta=tta)` compiled ahead of
+  time for these shapes; call it as `program(variables, images, *rest)`. When one pass is enough
+  it is the very program `passes_for` analysed: a jitted call would compile that again (~0.5 s
+  for the ConvNet on 2 cores, without the persistent compilation cache). Remembered per shape."""
+  signature = _signature(jitted, model, variables, images, *rest, tta=tta)
+  passes, one_pass = _analysed(*signature)
+  return one_pass if passes == 1 else _compiled(*signature, passes)
+
+
+def _signature(jitted, model, *args, tta: str):
+  """A hashable key of a call's static parts and argument shapes (with their placement)."""
+  leaves, treedef = jax.tree.flatten(args)
+  specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), np.result_type(leaf),
+                                     sharding=leaf.sharding if isinstance(leaf, jax.Array) else None)
+                for leaf in leaves)
+  return jitted, model, treedef, specs, tta
 
 
 @functools.lru_cache(maxsize=64)
-def _passes_for(jitted, model, treedef, specs, batch: int, tta: str) -> int:
-  lowered = jitted.lower(model, *jax.tree.unflatten(treedef, specs), passes=1, tta=tta)
-  analysis = lowered.compile().memory_analysis()
-  temp = getattr(analysis, "temp_size_in_bytes", 0) or 0  # None: a backend without the analysis
-  return int(max(1, min(batch, MAX_PASSES, -(-temp // EVAL_TEMP_BYTES))))
+def _analysed(jitted, model, treedef, specs, tta: str):
+  """(passes, the one-pass program compiled)."""
+  one_pass = _compiled(jitted, model, treedef, specs, tta, 1)
+  temp = getattr(one_pass.memory_analysis(), "temp_size_in_bytes", 0) or 0  # None: no analysis
+  batch = jax.tree.unflatten(treedef, specs)[1].shape[0]
+  return int(max(1, min(batch, MAX_PASSES, -(-temp // EVAL_TEMP_BYTES)))), one_pass
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(jitted, model, treedef, specs, tta: str, passes: int):
+  return jitted.lower(model, *jax.tree.unflatten(treedef, specs), passes=passes, tta=tta).compile()
 
 
 TOP_K = 5
@@ -115,9 +138,8 @@ def evaluate(model, variables, split, batch_size: int, class_names=None, layout=
   else:
     batches = data.eval_batches(split, batch_size, workers)  # all of one shape: one `passes`
     first = next(batches)
-    passes = passes_for(eval_step, model, variables, *first, tta=tta)
-    sums = jax.device_get([eval_step(model, variables, *batch, passes=passes, tta=tta)
-                           for batch in itertools.chain([first], batches)])
+    program = compiled_in_passes(eval_step, model, variables, *first, tta=tta)
+    sums = jax.device_get([program(variables, *batch) for batch in itertools.chain([first], batches)])
   totals = {k: np.sum([s[k] for s in sums], axis=0) for k in sums[0]}
   names = class_names or [str(i) for i in range(len(totals["confusion"]))]
   report = metrics.classification_metrics(totals["confusion"], names)

@@ -13,7 +13,7 @@ from flaxzoo.data import images as image_lib
 from flaxzoo.files import replace_atomically
 from flaxzoo.training import analysis, checkpoint, metrics, parallel
 from flaxzoo.training.config import ConfigError, dataset_slug
-from flaxzoo.training.evaluation import evaluate, passes_for, predict_step
+from flaxzoo.training.evaluation import compiled_in_passes, evaluate, predict_step
 
 
 def check_input_images(images) -> np.ndarray:
@@ -44,8 +44,8 @@ def predict_arrays(model, variables, images, batch_size: int = 1000, tta: str = 
   probabilities = []
   for start in range(0, len(images), batch_size):
     batch = images[start:start + batch_size]
-    passes = passes_for(predict_step, model, variables, batch, tta=tta)
-    probabilities.append(np.asarray(predict_step(model, variables, batch, passes=passes, tta=tta)))
+    program = compiled_in_passes(predict_step, model, variables, batch, tta=tta)
+    probabilities.append(np.asarray(program(variables, batch)))
   return np.concatenate(probabilities)
 
 
