@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -77,6 +78,38 @@ def test_loading_an_unprepared_split_says_how_to_prepare_it(tmp_path):
   with pytest.raises(data.DataError, match=r"not prepared in .*data\.prepare\('mnist'"):
     data.load_split("mnist", "test", str(tmp_path / "tfds"))
   assert tree_snapshot(tmp_path) == {}
+
+
+def test_a_decoded_dataset_loads_without_tfds(mnist_data_dir, tmp_path, monkeypatch):
+  """Once its splits are decoded, a dataset's info and arrays come from the decoded cache and its
+  record of what tfds said, without importing tfds; another tfds version's record is not used."""
+  data_dir = str(shutil.copytree(mnist_data_dir, tmp_path / "tfds"))
+  data.load_split("mnist", "train", data_dir)  # decoded and recorded, if the copy was not yet
+  by_tfds = data.dataset_info("mnist", data_dir)
+  arrays = {split: data.load_split("mnist", split, data_dir) for split in ("train", "test")}
+  data.datasets._load_split_cached.cache_clear()
+  monkeypatch.setattr(data.datasets, "_tfds", lambda: pytest.fail("tfds was used"))
+  quick = data.load_dataset("mnist", data_dir, limits={"test": 100})
+  assert quick.info == by_tfds
+  images, labels = quick.splits["train"].arrays()
+  assert np.array_equal(images, arrays["train"][0]) and np.array_equal(labels, arrays["train"][1])
+  assert np.array_equal(quick.splits["test"].arrays()[1], arrays["test"][1][:100])
+  assert not images.flags.writeable
+  record_path = next(Path(data_dir).glob(f"mnist/*/{data.datasets.DECODED_CACHE}/{data.datasets.DECODED_INFO}"))
+  record = json.loads(record_path.read_text())
+  record_path.write_text(json.dumps({**record, "tfds_version": "0.1"}))
+  assert data.datasets.decoded_record("mnist", data_dir) is None  # tfds is asked again
+  record_path.write_text(json.dumps(record))
+  assert data.datasets.decoded_record("mnist", data_dir)[1] == by_tfds
+  assert data.datasets.decoded_record("mni*", data_dir) is None
+
+
+def test_default_data_dir_is_tfds_own(monkeypatch):
+  from tensorflow_datasets.core import constants
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+  assert data.default_data_dir() == os.path.expanduser(constants.DATA_DIR)
+  monkeypatch.setenv("TFDS_DATA_DIR", "/somewhere/else")
+  assert data.default_data_dir() == "/somewhere/else"
 
 
 def test_env_var_manual_dir_is_used(tmp_path, monkeypatch, mnist_raw_dir):
