@@ -275,10 +275,11 @@ def exit_peer_lost(layout: Layout, error: BaseException, workdir) -> None:
 def sharded_train_step(layout: Layout):
   """The train step jitted with declared shardings: state replicated, batch split along `data`;
   the new state and the metrics come back replicated."""
-  from flaxzoo.training.steps import train_step
+  from flaxzoo.training.steps import TRAIN_STEP_COMPILER_OPTIONS, train_step
   return jax.jit(train_step.__wrapped__, donate_argnums=0,
                  in_shardings=(layout.replicated, layout.batch, layout.batch),
-                 out_shardings=(layout.replicated, layout.replicated))
+                 out_shardings=(layout.replicated, layout.replicated),
+                 compiler_options=TRAIN_STEP_COMPILER_OPTIONS)
 
 
 def gradient_bytes(params) -> int:
