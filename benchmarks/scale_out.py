@@ -3,9 +3,9 @@
 
 Each runner feeds a host batch every step, as the training loop does (`parallel.step_batch`:
 split over the mesh by the sharded step's in_shardings; plain path: handed to the jitted step).
-The runners take turns (interleaved repeats, medians). Also printed: the gradient bytes every step all-reduces, and what
-a ring all-reduce sends per device, 2 (n - 1) / n of them: the communication the estimate of
-scaling on GPUs in docs/scale-out.md starts from.
+The runners take turns (interleaved repeats, medians). Also printed: the gradient bytes every
+step all-reduces, and what a ring all-reduce sends per device, 2 (n - 1) / n of them: the
+communication the estimate of scaling on GPUs in docs/scale-out.md starts from.
 
 On CPU, emulated devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) share the same
 cores, so more devices cannot train faster: the figures there measure the sharded path's overhead.
