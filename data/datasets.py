@@ -5,6 +5,8 @@ Raw files come from, in this order: an explicit manual dir (`--manual-dir`), the
 the sha256 it has registered for it. Preparing (extracting) runs `data.prepare` in a subprocess so
 that TensorFlow, which tfds needs only for that step, never loads into the training process; the
 prepared ArrayRecord files are then read through `tfds.data_source`, which does not import it.
+Splits decoded once are kept as arrays (`DECODED_CACHE`); with tfds's info recorded beside them
+(`decoded_record`), later loads of those splits need no tfds at all.
 """
 
 import dataclasses
