@@ -331,6 +331,13 @@ def _write_decoded(cache_dir: Path, split: str, images: np.ndarray, labels: np.n
     pass
 
 
+def _any_split_streams(info: DatasetInfo, splits, limits: dict, image_shape, streaming: str) -> bool:
+  target = tuple(image_shape) if image_shape else info.image_shape
+  return any(sources.streams(streaming, min(limits.get(split) or info.num_examples.get(split, 0),
+                                            info.num_examples.get(split, 0)), target)
+             for split in splits)
+
+
 def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None = None,
                  splits=("train", "test"), limits: dict | None = None, image_shape=None,
                  test_fraction: float = 0.2, streaming: str = "off") -> Dataset:
@@ -345,16 +352,16 @@ def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None 
   if folders.is_folder_dataset(name):
     return folders.load_folder_dataset(name, image_shape, test_fraction, splits, limits, streaming)
   data_dir = data_dir or default_data_dir()
+  limits = limits or {}
   record = decoded_record(name, data_dir)
-  if record:  # prepared and decoded already: tfds is not needed for splits held in memory
-    info = record[1]
-  else:
+  if record and not _any_split_streams(record[1], splits, limits, image_shape, streaming):
+    info = record[1]  # prepared and decoded already: no tfds for splits held in memory
+  else:  # tfds, imported here in the main thread (its lazy imports race in threads started later)
     prepare(name, data_dir, manual_dir)
     info = dataset_info(name, data_dir)
   for split in splits:
     if split not in info.num_examples:
       raise DataError(f"{name} has no split {split!r}; it has {', '.join(info.num_examples)}")
-  limits = limits or {}
   target = tuple(image_shape) if image_shape else info.image_shape
   if target != info.image_shape:
     print(image_lib.conversion_note(name, [info.image_shape], target), file=sys.stderr)

@@ -73,7 +73,7 @@ def compiled_in_passes(jitted, model: nn.Module, variables, images, *rest, tta: 
 def _signature(jitted, model, *args, tta: str):
   """A hashable key of a call's static parts and argument shapes (with their placement)."""
   leaves, treedef = jax.tree.flatten(args)
-  specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), np.result_type(leaf),
+  specs = tuple(jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype,
                                      sharding=leaf.sharding if isinstance(leaf, jax.Array) else None)
                 for leaf in leaves)
   return jitted, model, treedef, specs, tta
