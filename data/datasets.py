@@ -331,11 +331,19 @@ def _write_decoded(cache_dir: Path, split: str, images: np.ndarray, labels: np.n
     pass
 
 
+def _split_count(info: DatasetInfo, split: str, limits: dict) -> int:
+  """How many of `split`'s first examples a load uses: its `limits` entry (absent or 0: all)."""
+  available = info.num_examples.get(split, 0)
+  return min(limits.get(split) or available, available)
+
+
+def _target_shape(info: DatasetInfo, image_shape) -> tuple:
+  return tuple(image_shape) if image_shape else info.image_shape
+
+
 def _any_split_streams(info: DatasetInfo, splits, limits: dict, image_shape, streaming: str) -> bool:
-  target = tuple(image_shape) if image_shape else info.image_shape
-  return any(sources.streams(streaming, min(limits.get(split) or info.num_examples.get(split, 0),
-                                            info.num_examples.get(split, 0)), target)
-             for split in splits)
+  target = _target_shape(info, image_shape)
+  return any(sources.streams(streaming, _split_count(info, split, limits), target) for split in splits)
 
 
 def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None = None,
@@ -362,12 +370,12 @@ def load_dataset(name: str, data_dir: str | None = None, manual_dir: str | None 
   for split in splits:
     if split not in info.num_examples:
       raise DataError(f"{name} has no split {split!r}; it has {', '.join(info.num_examples)}")
-  target = tuple(image_shape) if image_shape else info.image_shape
+  target = _target_shape(info, image_shape)
   if target != info.image_shape:
     print(image_lib.conversion_note(name, [info.image_shape], target), file=sys.stderr)
   split_sources = {}
   for split in splits:
-    count = min(limits.get(split) or info.num_examples[split], info.num_examples[split])
+    count = _split_count(info, split, limits)
     if sources.streams(streaming, count, target):
       split_sources[split] = sources.TfdsRecords(name, split, os.path.abspath(data_dir), count,
                                                  info.image_shape, target)

@@ -106,8 +106,8 @@ def test_a_decoded_dataset_loads_without_tfds(mnist_data_dir, tmp_path, monkeypa
 
 def test_default_data_dir_is_tfds_own(monkeypatch):
   from tensorflow_datasets.core import constants
-  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
-  assert data.default_data_dir() == os.path.expanduser(constants.DATA_DIR)
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)  # tfds's DATA_DIR read it at import
+  assert data.default_data_dir() == os.path.expanduser(constants.get_default_data_dir())
   monkeypatch.setenv("TFDS_DATA_DIR", "/somewhere/else")
   assert data.default_data_dir() == "/somewhere/else"
 
