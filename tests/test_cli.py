@@ -59,9 +59,10 @@ def test_bad_training_settings(tmp_path, capsys, args, fragment):
 def test_unknown_named_config_lists_the_named_ones(tmp_path, capsys):
   assert_one_clear_error(run_main(capsys, "train", "--config", "fastest", "--workdir", tmp_path / "w"),
                          "unknown --config 'fastest'; named configs: fast, convnet, fashion_convnet, "
-                         "fashion_convnet_large, fashion_convnet_vgg, lenet5, mlp, mnist_convnet, mnist_convnet_large, "
-                         "mnist_convnet_wide, mnist_lenet5, mnist_resnet, mnist_vit_tiny, resnet, vit_tiny, "
-                         "or the path of a .toml file")
+                         "fashion_convnet_60s, fashion_convnet_large, fashion_convnet_vgg, lenet5, mlp, "
+                         "mnist_convnet, mnist_convnet_60s, mnist_convnet_large, mnist_convnet_vgg, "
+                         "mnist_convnet_wide, mnist_lenet5, mnist_lenet5_60s, mnist_resnet, mnist_resnet_60s, "
+                         "mnist_vit_tiny, mnist_vit_tiny_60s, resnet, vit_tiny, or the path of a .toml file")
   assert not (tmp_path / "w").exists()
 
 

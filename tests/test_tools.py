@@ -86,8 +86,10 @@ def test_config_file_reproduces_the_named_config(tmp_path, stripes, capsys):
 
 def test_every_named_config_is_a_file_that_loads():
   assert configs.config_names()[0] == "fast"
-  recipes = {"mnist_convnet", "mnist_convnet_large", "mnist_convnet_wide", "mnist_lenet5", "mnist_resnet",
-             "mnist_vit_tiny", "fashion_convnet", "fashion_convnet_large", "fashion_convnet_vgg"}
+  recipes = {"mnist_convnet", "mnist_convnet_large", "mnist_convnet_wide", "mnist_convnet_vgg",
+             "mnist_lenet5", "mnist_resnet", "mnist_vit_tiny", "fashion_convnet", "fashion_convnet_large",
+             "fashion_convnet_vgg", "mnist_convnet_60s", "mnist_lenet5_60s", "mnist_resnet_60s",
+             "mnist_vit_tiny_60s", "fashion_convnet_60s"}
   assert set(configs.config_names()) == {"fast", *recipes, *models.list_models()}
   for name in configs.config_names():
     config = configs.named_config(name)
