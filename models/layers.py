@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import itertools
+import math
 
 import flax.linen as nn
 import jax
@@ -377,6 +378,56 @@ def normal(stddev: float = 1e-2):
 
 # nn.Conv computing with `conv`: same parameter names, initialisation and results as nn.Conv.
 Conv = functools.partial(nn.Conv, conv_general_dilated=conv)
+
+
+def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> tuple[jnp.ndarray, float]:
+  """Dropout's Bernoulli(keep_prob) mask of `shape`, and the scale that keeps the mean.
+
+  `jax.random.bernoulli` draws a 32-bit threefry word per element; this cuts each word into four
+  8-bit draws. ViT-tiny draws ~25k per image, and its train step ran 1.2x faster (docs/recipes.md).
+  keep_prob is rounded to a multiple of 1/256 (rate 0.1 drops 26/256); the scale is exact for it.
+  """
+  size = math.prod(shape)
+  words = jax.random.bits(key, ((size + 3) // 4,), jnp.uint32)
+  draws = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[:size].reshape(shape)
+  threshold = max(1, round(keep_prob * 256))
+  return draws.astype(jnp.uint32) < threshold, 256 / threshold
+
+
+def dropout(key: jax.Array, x: jnp.ndarray, rate: float, mask_shape=None) -> jnp.ndarray:
+  """Inverted dropout of `x` at `rate` with `keep_mask`'s draws; a `mask_shape` of 1s where `x`
+  has more broadcasts one mask over those axes."""
+  if rate >= 1.0:
+    return jnp.zeros_like(x)
+  keep, scale = keep_mask(key, x.shape if mask_shape is None else mask_shape, 1.0 - rate)
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+
+
+class Dropout(nn.Module):
+  """nn.Dropout (rate, `deterministic`, the `dropout` rng stream) drawing with `keep_mask`."""
+
+  rate: float
+  deterministic: bool | None = None
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, deterministic: bool | None = None) -> jnp.ndarray:
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+    if deterministic or self.rate == 0.0:
+      return x
+    return dropout(self.make_rng("dropout"), x, self.rate)
+
+
+def dot_product_attention(query, key, value, mask=None, dropout_rng=None, dropout_rate=0.0,
+                          broadcast_dropout=True, deterministic=True, dtype=None, precision=None):
+  """`nn.dot_product_attention` (an `attention_fn` for nn.MultiHeadDotProductAttention) whose
+  dropout on the attention weights draws with `keep_mask`, one (query, key) mask for the whole
+  batch and every head unless `broadcast_dropout` is False; without dropout the same operations."""
+  weights = nn.dot_product_attention_weights(query, key, mask=mask, dtype=dtype,
+                                             precision=precision)
+  if not deterministic and dropout_rate > 0.0:
+    mask_shape = (1,) * (weights.ndim - 2) + weights.shape[-2:] if broadcast_dropout else None
+    weights = dropout(dropout_rng, weights, dropout_rate, mask_shape)
+  return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=precision)
 
 
 def _channel_sums(x: jnp.ndarray) -> jnp.ndarray:

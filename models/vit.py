@@ -21,13 +21,14 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
     y = nn.LayerNorm()(x)
     y = nn.MultiHeadDotProductAttention(num_heads=self.heads, dropout_rate=self.dropout,
-                                        deterministic=not train)(y, y)
-    x = x + nn.Dropout(self.dropout, deterministic=not train)(y)
+                                        deterministic=not train,
+                                        attention_fn=layers.dot_product_attention)(y, y)
+    x = x + layers.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.LayerNorm()(x)
     y = nn.gelu(nn.Dense(self.mlp_dim)(y))
-    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = layers.Dropout(self.dropout, deterministic=not train)(y)
     y = nn.Dense(self.dim)(y)
-    return x + nn.Dropout(self.dropout, deterministic=not train)(y)
+    return x + layers.Dropout(self.dropout, deterministic=not train)(y)
 
 
 @register_model("vit_tiny")
@@ -66,7 +67,7 @@ class ViTTiny(nn.Module):
     batch, height, width, _ = x.shape
     x = x.reshape((batch, height * width, self.dim))
     x = x + self.param("pos_embed", layers.normal(0.02), (1, height * width, self.dim))
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = layers.Dropout(self.dropout, deterministic=not train)(x)
     for _ in range(self.depth):
       x = EncoderBlock(self.dim, self.heads, self.mlp_dim, self.dropout)(x, train)
     x = jnp.mean(nn.LayerNorm()(x), axis=1)  # mean of the tokens (no class token)

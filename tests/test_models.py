@@ -297,3 +297,51 @@ def test_batch_norm_statistics_are_differentiable_outputs():
   want = gradient(plain)
   for g, r in zip(got, want):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.25, 0.5])
+def test_dropout_draws_are_a_function_of_the_key_and_keep_the_rate(rate):
+  from flaxzoo.models import layers
+  key = jax.random.key(3)
+  keep, scale = layers.keep_mask(key, (64, 33, 17), 1.0 - rate)
+  again, _ = layers.keep_mask(key, (64, 33, 17), 1.0 - rate)
+  other, _ = layers.keep_mask(jax.random.key(4), (64, 33, 17), 1.0 - rate)
+  assert keep.shape == (64, 33, 17) and keep.dtype == jnp.bool_
+  np.testing.assert_array_equal(keep, again)
+  assert not np.array_equal(keep, other)
+  kept = round((1.0 - rate) * 256) / 256  # the rate rounded to 1/256
+  assert scale == pytest.approx(1.0 / kept)
+  assert float(keep.mean()) == pytest.approx(kept, abs=0.01)  # 35,904 draws: 5 sigma < 0.013
+  x = normal((64, 33, 17)) + 2.0
+  dropped = layers.dropout(key, x, rate)
+  np.testing.assert_array_equal(dropped, np.where(keep, x * np.float32(scale), 0.0))
+  assert float(dropped.mean()) == pytest.approx(float(x.mean()), rel=0.02)
+
+
+def test_dropout_layer_is_the_identity_in_eval_and_draws_from_the_dropout_stream():
+  from flaxzoo.models import layers
+  x = normal((8, 16)) + 1.0
+  layer = layers.Dropout(0.3)
+  np.testing.assert_array_equal(layer.apply({}, x, deterministic=True), x)
+  train = lambda seed: layer.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(seed)})  # noqa: E731
+  np.testing.assert_array_equal(train(0), train(0))
+  assert not np.array_equal(train(0), train(1))
+  assert 0 < int((train(0) == 0).sum()) < x.size
+
+
+def test_attention_fn_matches_linens_and_broadcasts_its_dropout_mask():
+  """Without dropout, layers.dot_product_attention computes as nn.dot_product_attention; with it,
+  one (query, key) mask serves every example and head, as linen's broadcast_dropout does."""
+  from flaxzoo.models import layers
+  query, key, value = normal((3, 5, 2, 4)), normal((3, 5, 2, 4)) * 0.5, normal((3, 5, 2, 4))
+  np.testing.assert_allclose(layers.dot_product_attention(query, key, value),
+                             nn.dot_product_attention(query, key, value), rtol=1e-6, atol=1e-6)
+  ones = jnp.ones((3, 5, 2, 5))  # value = identity per head: the output is the weights themselves
+  eye = jnp.broadcast_to(jnp.eye(5)[None, :, None, :], (3, 5, 2, 5))
+  weights = layers.dot_product_attention(ones[..., :4], ones[..., :4], eye, dropout_rate=0.5,
+                                         dropout_rng=jax.random.key(0), deterministic=False)
+  zeros = np.asarray(weights == 0)  # (batch, query, head, key)
+  assert zeros.any() and not zeros.all()
+  assert (zeros == zeros[:1, :, :1, :]).all()
+  kept = round(0.5 * 256) / 256
+  np.testing.assert_allclose(weights[~zeros], 0.2 / kept, rtol=1e-6)  # uniform weights, rescaled
