@@ -20,6 +20,7 @@ fraction on real MNIST), `real_data` (the real-data input path against synthetic
 99.0 % MNIST test accuracy, each a fresh process, start-up and compilation included).
 """
 
+import argparse
 import json
 import os
 import resource
@@ -39,7 +40,7 @@ from flaxzoo.models import layers
 from flaxzoo.training import configs
 from flaxzoo.training.evaluation import compiled_in_passes, logits_in_passes, logits_step
 from flaxzoo.training.state import create_train_state
-from flaxzoo.training.steps import train_step
+from flaxzoo.training.steps import TRAIN_STEP_COMPILER_OPTIONS, train_step
 
 FRAMEWORKS = ("jax", "torch_eager", "torch_compile")
 MNIST_SHAPE = (28, 28, 1)
@@ -145,6 +146,45 @@ def timed(fn) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
+
+
+def median_ms(fn, *args, repeats: int = 40) -> float:
+  """Median wall time of `fn(*args)` in ms over `repeats` calls after one untimed call."""
+  call = lambda: jax.block_until_ready(fn(*args))  # noqa: E731
+  call()
+  return statistics.median(timed(call) for _ in range(repeats)) * 1e3
+
+
+def start_swap_benchmark(doc: str) -> int:
+  """A formulation benchmark's start (batch_norm.py, dropout.py): its --repeats (turns of 10
+  train steps per variant), the process-wide settings, the machine's line; returns the repeats."""
+  parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+  parser.add_argument("--repeats", type=int, default=6, help="turns of 10 train steps per variant")
+  args = parser.parse_args()
+  runtime.configure(compilation_cache=False)
+  print(machine.machine_line())
+  return args.repeats
+
+
+class SwappedStepRunner:
+  """The train step of `config`'s model built inside `swap()` (a context that swaps one of its
+  layers for another formulation), as `interleaved_rates` takes its runners."""
+
+  def __init__(self, name: str, config, swap, images, labels):
+    self.name = name
+    with swap():
+      model = models.create_model(config.model, num_classes=10, **config.model_kwargs)
+      state = create_train_state(model, config, MNIST_SHAPE, 1000)
+      # a function of its own per variant (no trace shared through jit's caches), traced here,
+      # inside the swap, compiled as train_step is
+      self.step = jax.jit(lambda state, images, labels: train_step.__wrapped__(state, images, labels),
+                          donate_argnums=0, compiler_options=TRAIN_STEP_COMPILER_OPTIONS)
+      self.state = jax.block_until_ready(self.step(state, images, labels)[0])
+
+  def train_steps(self, images, labels, steps: int) -> None:
+    for _ in range(steps):
+      self.state, _ = self.step(self.state, images, labels)
+    jax.block_until_ready(self.state)
 
 
 def interleaved_rates(runners, work, items_per_call: int, repeats: int, warmup=None,

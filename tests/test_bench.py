@@ -191,3 +191,25 @@ def test_interleaved_rates_warm_each_turn_and_time_its_calls():
   turn = lambda name: [("warmup", name)] + [("work", name)] * 3  # noqa: E731
   assert calls == (turn("a") + turn("b")) * 2
   assert set(rates) == {"a", "b"} and all(rate > 0 for rate in rates.values())
+
+
+def test_dropout_benchmark_builds_vit_tiny_with_linens_dropout_inside_its_swap():
+  """benchmarks/dropout.py's swap: inside it ViT-tiny draws with jax.random.bernoulli (no 8-bit
+  draws cut from words), outside it with layers.keep_mask; the swap is undone afterwards."""
+  import jax.numpy as jnp
+
+  from flaxzoo.benchmarks.dropout import linen_dropout
+  from flaxzoo.models import layers
+
+  def train_jaxpr():
+    model = models.create_model("vit_tiny", num_classes=10, depth=1)
+    variables = models.abstract_variables(model)
+    forward = lambda v: model.apply(v, jnp.zeros((2, 28, 28, 1)), train=True,  # noqa: E731
+                                    rngs={"dropout": jax.random.key(0)})
+    return str(jax.make_jaxpr(forward)(variables))
+
+  before = layers.Dropout, layers.dot_product_attention
+  with linen_dropout():
+    assert "u8[" not in train_jaxpr()
+  assert (layers.Dropout, layers.dot_product_attention) == before
+  assert "u8[" in train_jaxpr()
