@@ -384,7 +384,7 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...], keep_prob: float) -> tuple
   """Dropout's Bernoulli(keep_prob) mask of `shape`, and the scale that keeps the mean.
 
   `jax.random.bernoulli` draws a 32-bit threefry word per element; this cuts each word into four
-  8-bit draws. ViT-tiny draws ~25k per image, and its train step ran 1.2x faster (docs/recipes.md).
+  8-bit draws. ViT-tiny draws ~25k per image; its train step ran 1.25x faster (docs/performance.md).
   keep_prob is rounded to a multiple of 1/256 (rate 0.1 drops 26/256); the scale is exact for it.
   """
   size = math.prod(shape)
